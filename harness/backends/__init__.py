@@ -1,0 +1,1 @@
+"""Backends: one module per family behind one small protocol."""

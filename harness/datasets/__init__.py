@@ -1,0 +1,1 @@
+"""Seeded synthetic datasets with exact labels."""

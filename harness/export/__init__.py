@@ -1,0 +1,1 @@
+"""ONNX export: float and Q/DQ graphs, simplification, custom-op export."""

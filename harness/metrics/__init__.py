@@ -1,0 +1,1 @@
+"""Accuracy metrics in pure numpy (mIoU, nuScenes NDS)."""

@@ -1,0 +1,1 @@
+"""Post-training int8 quantization: quantizers, calibrators, quantized modules, rules."""

@@ -1,0 +1,1 @@
+"""Task adapters: pre/post-processing and metric glue per task."""

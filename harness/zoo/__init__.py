@@ -1,0 +1,1 @@
+"""Built-in models (PIDNet-S, FastBEV, BEVFusion camera branch, CenterPoint SCN)."""

@@ -1,0 +1,32 @@
+"""Tensor joins as modules (add, concat) so quantization can find and replace them.
+
+Models in the zoo write residual additions and concatenations through these modules rather
+than `x + y` / `torch.cat`, so `harness.quant` can swap them for quantized versions whose
+inputs go through (shared) quantizers, as the deployment guides require.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Add(nn.Module):
+    """Elementwise sum of two tensors: `forward(a, b) == a + b`."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class Concat(nn.Module):
+    """Concatenation along `dim`: `forward(*xs) == torch.cat(xs, dim)`."""
+
+    def __init__(self, dim: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.cat(xs, dim=self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
