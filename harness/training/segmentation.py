@@ -408,10 +408,10 @@ def _render_all(
     return torch.cat(images), torch.cat(labels)
 
 
-def _pairs(images: torch.Tensor, labels: torch.Tensor) -> list[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]]:
-    return [
-        (images[k].permute(1, 2, 0).numpy(), labels[k].numpy()) for k in range(images.shape[0])
-    ]
+def _pairs(
+    images: torch.Tensor, labels: torch.Tensor
+) -> list[tuple[npt.NDArray[np.uint8], npt.NDArray[np.uint8]]]:
+    return [(images[k].permute(1, 2, 0).numpy(), labels[k].numpy()) for k in range(images.shape[0])]
 
 
 def _poly_lr(recipe: TrainRecipe, step: int) -> float:
@@ -436,7 +436,9 @@ def _save_atomic(obj: object, path: Path) -> None:
 
 
 def _recipe_dict(recipe: TrainRecipe) -> dict[str, object]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(recipe).items()}
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(recipe).items()
+    }
 
 
 def _hardware(device: torch.device) -> dict[str, object]:
