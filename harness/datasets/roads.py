@@ -47,7 +47,7 @@ CLASS_NAMES: tuple[str, ...] = (
 )
 """The 19 Cityscapes train classes, in train-id order."""
 
-LABEL_IDS: tuple[int, ...] = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+LABEL_IDS: tuple[int, ...] = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)  # fmt: skip
 """Original Cityscapes label ids of `CLASS_NAMES`."""
 
 PALETTE: npt.NDArray[np.uint8] = np.array(
@@ -162,9 +162,8 @@ class RoadScenes:
         if not -self.size <= index < self.size:
             raise IndexError(f"RoadScenes[{self.split}]: index {index} out of range({self.size})")
         index %= self.size
-        scene_seq, grain_seq = np.random.SeedSequence(
-            [self.seed, SPLITS[self.split], index]
-        ).spawn(2)
+        seq = np.random.SeedSequence([self.seed, SPLITS[self.split], index])
+        scene_seq, grain_seq = seq.spawn(2)
         scene = _sample_scene(np.random.default_rng(scene_seq))
         image, label = _render(scene, self.height, self.width, np.random.default_rng(grain_seq))
         return RoadSample(index=index, image=image, label=label)
@@ -261,16 +260,30 @@ class _Canvas:
             min(self.w, math.ceil(x1 * self.w / ASPECT + 0.5)),
         )
 
+    def cols_exact(self, x0: float, x1: float) -> tuple[int, int]:
+        """Column range whose centres lie in [x0, x1) (computed in float64)."""
+        scale = self.w / ASPECT
+        return max(0, math.ceil(x0 * scale - 0.5)), min(self.w, math.ceil(x1 * scale - 0.5))
+
+    def rows_exact(self, y0: float, y1: float) -> tuple[int, int]:
+        """Row range whose centres lie in [y0, y1) (computed in float64)."""
+        return max(0, math.ceil(y0 * self.h - 0.5)), min(self.h, math.ceil(y1 * self.h - 0.5))
+
     def rows(self, y0: float, y1: float) -> tuple[int, int]:
         """Row range holding every pixel centre in [y0, y1), plus a pixel of margin."""
         return max(0, math.floor(y0 * self.h - 0.5)), min(self.h, math.ceil(y1 * self.h + 0.5))
 
-    def paint(self, r0: int, c0: int, mask: Mask, cls: int, colour: Array) -> None:
-        """Label `cls` and `colour` ((h, w, 3) or (3,)) where `mask` holds, in the window whose
-        top-left pixel is (r0, c0)."""
-        h, w = mask.shape
-        np.copyto(self.label[r0 : r0 + h, c0 : c0 + w], np.uint8(cls), where=mask)
-        np.copyto(self.image[r0 : r0 + h, c0 : c0 + w], colour, where=mask[..., None])
+    def paint(
+        self, r0: int, r1: int, c0: int, c1: int, mask: Mask | None, cls: int, colour: Array
+    ) -> None:
+        """Label `cls` and `colour` ((h, w, 3) or (3,)) in the window rows r0:r1, columns c0:c1,
+        where `mask` holds (everywhere when None)."""
+        if mask is None:
+            self.label[r0:r1, c0:c1] = cls
+            self.image[r0:r1, c0:c1] = colour
+            return
+        np.copyto(self.label[r0:r1, c0:c1], np.uint8(cls), where=mask)
+        np.copyto(self.image[r0:r1, c0:c1], colour, where=mask[..., None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,7 +337,7 @@ def _box(
 
 
 def _line(
-    x0: float, y0: float, x1: float, y1: float, width: float, cls: int, rgb: RGB, tex: float = 0.05
+    x0: float, y0: float, x1: float, y1: float, width: float, cls: int, rgb: RGB, tex: float = 0.0
 ) -> _Prim:
     """A segment of thickness `width` as a quadrilateral."""
     dx, dy = x1 - x0, y1 - y0
@@ -358,51 +371,58 @@ def _poly_mask(xs: Array, ys: Array, pts: Sequence[tuple[float, float]]) -> Mask
         x0, y0 = pts[k]
         x1, y1 = pts[(k + 1) % n]
         ex, ey = F32(sign * (x1 - x0)), F32(sign * (y1 - y0))
-        mask &= (xs[None, :] - F32(x0)) * ey - (ys[:, None] - F32(y0)) * ex <= 0
+        mask &= ((xs - F32(x0)) * ey)[None, :] <= ((ys - F32(y0)) * ex)[:, None]
     return mask
 
 
 Fade = Callable[[RGB], RGB]
 
 
-def _draw_prim(canvas: _Canvas, prim: _Prim, ax: float, ay: float, scale: float, fade: Fade) -> None:
+def _draw_prim(
+    canvas: _Canvas, prim: _Prim, ax: float, ay: float, scale: float, fade: Fade
+) -> None:
     """Rasterise `prim` with its local origin at image point (ax, ay) and `scale` image units
     per metre; `fade` applies light and haze to its colours."""
     lx0, ly0, lx1, ly1 = _bounds(prim)
     x0, x1 = ax + lx0 * scale, ax + lx1 * scale
     y0, y1 = ay - ly1 * scale, ay - ly0 * scale
-    c0, c1 = canvas.cols(x0, x1)
-    r0, r1 = canvas.rows(y0, y1)
+    mask: Mask | None = None
+    if prim.kind in ("box", "rbox"):
+        # pixel centre j lies in [x0, x1) exactly when x0 <= (j + 0.5) * 2 / W < x1
+        c0, c1 = canvas.cols_exact(x0, x1)
+        r0, r1 = canvas.rows_exact(y0, y1)
+    else:
+        c0, c1 = canvas.cols(x0, x1)
+        r0, r1 = canvas.rows(y0, y1)
     if c0 >= c1 or r0 >= r1:
         return
     xs = canvas.xs[c0:c1]
     ys = canvas.ys[r0:r1]
     p = prim.params
-    if prim.kind == "box":
-        mask = ((ys >= F32(y0)) & (ys < F32(y1)))[:, None] & ((xs >= F32(x0)) & (xs < F32(x1)))
-    elif prim.kind == "rbox":
+    if prim.kind == "rbox":
         rad = min(p[4], (p[2] - p[0]) / 2, (p[3] - p[1]) / 2) * scale
         dx = np.maximum(np.abs(xs - F32((x0 + x1) / 2)) - F32((x1 - x0) / 2 - rad), F32(0.0))
         dy = np.maximum(np.abs(ys - F32((y0 + y1) / 2)) - F32((y1 - y0) / 2 - rad), F32(0.0))
-        dx = np.where((xs >= F32(x0)) & (xs < F32(x1)), dx * dx, F32(np.inf))
-        dy = np.where((ys >= F32(y0)) & (ys < F32(y1)), dy * dy, F32(np.inf))
-        mask = dy[:, None] + dx <= F32(rad * rad)
+        mask = (dy * dy)[:, None] + dx * dx <= F32(rad * rad)
     elif prim.kind == "ellipse":
         ex = (xs - F32(ax + p[0] * scale)) * F32(1.0 / (p[2] * scale))
         ey = (ys - F32(ay - p[1] * scale)) * F32(1.0 / (p[3] * scale))
         mask = (ey * ey)[:, None] + ex * ex <= F32(1.0)
-    else:
+    elif prim.kind == "poly":
         pts = [(ax + p[k] * scale, ay - p[k + 1] * scale) for k in range(0, len(p), 2)]
         mask = _poly_mask(xs, ys, pts)
     rgb = np.asarray(fade(prim.rgb), dtype=F32)
     plain = prim.tex == 0.0 and prim.grad == 0.0 and prim.cyl == 0.0
     if prim.period == 0.0 and (plain or (r1 - r0) * (c1 - c0) < 32):
         # texture is invisible on a few pixels
-        canvas.paint(r0, c0, mask, prim.cls, rgb)
+        canvas.paint(r0, r1, c0, c1, mask, prim.cls, rgb)
         return
-    k = _octave(prim.freq / scale)
-    tex = F32(prim.tex)
-    shade = canvas.field(k)[r0:r1, c0:c1] * tex + (F32(1.0) - tex * F32(0.5))
+    if prim.tex:
+        tex = F32(prim.tex)
+        field = canvas.field(_octave(prim.freq / scale))[r0:r1, c0:c1]
+        shade = field * tex + (F32(1.0) - tex * F32(0.5))
+    else:
+        shade = np.ones((r1 - r0, c1 - c0), dtype=F32)
     if prim.grad:
         # local height in [-1/2, 1/2] over the primitive, top brighter
         ly = (F32(ay - (ly0 + ly1) / 2 * scale) - ys) * F32(prim.grad / ((ly1 - ly0) * scale))
@@ -416,7 +436,7 @@ def _draw_prim(canvas: _Canvas, prim: _Prim, ax: float, ay: float, scale: float,
         band = (u - np.floor(u)) < F32(prim.duty)
         alt = np.asarray(fade(prim.alt), dtype=F32)
         colour = np.where(band[None, :, None], shade[..., None] * alt, colour)
-    canvas.paint(r0, c0, mask, prim.cls, colour)
+    canvas.paint(r0, r1, c0, c1, mask, prim.cls, colour)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -572,8 +592,8 @@ def _mirror(d: int, *xs: float) -> tuple[float, ...]:
 
 def _wheel(cx: float, r: float, cls: int) -> list[_Prim]:
     return [
-        _Prim("ellipse", (cx, r, r, r), cls, TYRE, tex=0.1),
-        _Prim("ellipse", (cx, r, r * 0.55, r * 0.55), cls, RIM, tex=0.1),
+        _Prim("ellipse", (cx, r, r, r), cls, TYRE, tex=0.0),
+        _Prim("ellipse", (cx, r, r * 0.55, r * 0.55), cls, RIM, tex=0.0),
     ]
 
 
@@ -663,15 +683,27 @@ def _bus(rng: np.random.Generator, view: str) -> tuple[list[_Prim], float]:
         prims = [
             _Prim("rbox", (-half, 0.3, half, top, 0.35), BUS, paint, grad=0.15),
             _box(-half + 0.2, 0.55, half - 0.2, 0.8, BUS, stripe),
-            _box(-half + 0.3, 1.3, half - 0.3, top - 0.35, BUS, GLASS, grad=0.5, alt=paint,
-                 period=1.4, duty=0.1),
+            _box(
+                -half + 0.3,
+                1.3,
+                half - 0.3,
+                top - 0.35,
+                BUS,
+                GLASS,
+                grad=0.5,
+                alt=paint,
+                period=1.4,
+                duty=0.1,
+            ),
         ]
         for door in (d * (half - 1.6), -d * 0.5):
             prims.append(_box(door - 0.55, 0.45, door + 0.55, top - 0.3, BUS, (55, 60, 70)))
         sign = d * (half - 1.3)
-        prims.append(_box(sign - 0.9, top - 0.33, sign + 0.9, top - 0.08, BUS, (250, 150, 30),
-                          tex=0.0))
-        return prims + _wheel(d * (half - 2.6), 0.5, BUS) + _wheel(-d * (half - 3.0), 0.5, BUS), half
+        prims.append(
+            _box(sign - 0.9, top - 0.33, sign + 0.9, top - 0.08, BUS, (250, 150, 30), tex=0.0)
+        )
+        prims += _wheel(d * (half - 2.6), 0.5, BUS) + _wheel(-d * (half - 3.0), 0.5, BUS)
+        return prims, half
     w2 = 1.27
     lamp = HEADLIGHT if view == "front" else TAILLIGHT
     return [
@@ -712,8 +744,18 @@ def _train(rng: np.random.Generator, view: str) -> tuple[list[_Prim], float]:
             prims += [
                 _Prim("rbox", (a, 0.35, b, top, 0.3), TRAIN, body, grad=0.15),
                 _box(a + 0.1, 0.55, b - 0.1, 0.95, TRAIN, band),
-                _box(a + 0.4, 1.35, b - 0.4, top - 0.5, TRAIN, GLASS, grad=0.5, alt=body,
-                     period=1.1, duty=0.18),
+                _box(
+                    a + 0.4,
+                    1.35,
+                    b - 0.4,
+                    top - 0.5,
+                    TRAIN,
+                    GLASS,
+                    grad=0.5,
+                    alt=body,
+                    period=1.1,
+                    duty=0.18,
+                ),
                 _box(a + 0.4, top - 0.45, b - 0.4, top - 0.3, TRAIN, band),
                 _box(a + 1.0, 0.1, a + 2.2, 0.4, TRAIN, DARK),
                 _box(b - 2.2, 0.1, b - 1.0, 0.4, TRAIN, DARK),
@@ -797,8 +839,9 @@ def _cycle(
         if motor:
             prims += [
                 _Prim("rbox", (-0.28, 0.35, 0.28, 0.95, 0.1), cls, paint, grad=0.2),
-                _box(-0.1, 0.75, 0.1, 0.85, cls, TAILLIGHT if view == "rear" else HEADLIGHT,
-                     tex=0.0),
+                _box(
+                    -0.1, 0.75, 0.1, 0.85, cls, TAILLIGHT if view == "rear" else HEADLIGHT, tex=0.0
+                ),
                 _Prim("ellipse", (-0.38, 1.1, 0.07, 0.06), cls, DARK),
                 _Prim("ellipse", (0.38, 1.1, 0.07, 0.06), cls, DARK),
             ]
@@ -882,7 +925,7 @@ def _pole(rng: np.random.Generator, toward: int, kind: str) -> list[_Prim]:
     traffic lights on a mast arm over the road ("mast"); `toward` (+1 / -1) is the direction of
     the road seen from the pole."""
     grey = _pick(rng, POLE_GREY, 8)
-    w = rng.uniform(0.22, 0.34)
+    w = rng.uniform(0.28, 0.42)  # thicker than real poles: they must survive 1/8 resolution
     if kind == "sign":
         h = rng.uniform(2.6, 3.4)
         prims = [_box(-w * 0.4, 0.0, w * 0.4, h, POLE, grey, cyl=0.5), *_sign(rng, h + 0.1)]
@@ -902,7 +945,7 @@ def _pole(rng: np.random.Generator, toward: int, kind: str) -> list[_Prim]:
         reach = rng.uniform(3.0, 6.0) * toward
         prims = [
             _box(-w * 0.6, 0.0, w * 0.6, h + 0.2, POLE, grey, cyl=0.5, tex=0.05),
-            _box(0.0, h - 0.1, reach, h + 0.12, POLE, grey),
+            _box(0.0, h - 0.15, reach, h + 0.15, POLE, grey),
         ]
         for at in (0.55, 0.95)[: int(rng.integers(1, 3))]:
             prims += _light_head(rng, reach * at - 0.3, h - 1.8)
@@ -1205,7 +1248,9 @@ def _sample_backdrop(
         w = rng.uniform(8.0, 30.0)
         u = rng.random()
         if u < 0.6:
-            blocks.append((x, x + w, rng.uniform(8.0, 35.0), BUILDING, _pick(rng, FACADE_PAINT, 10)))
+            blocks.append(
+                (x, x + w, rng.uniform(8.0, 35.0), BUILDING, _pick(rng, FACADE_PAINT, 10))
+            )
         elif u < 0.85:
             blocks.append((x, x + w, rng.uniform(6.0, 15.0), VEGETATION, _pick(rng, LEAVES, 8)))
         x += w
@@ -1467,7 +1512,9 @@ def _draw_backdrop(canvas: _Canvas, scene: _Scene) -> None:
     for x0, x1, h, cls, rgb in blocks:
         ax, ay = cam.point(x0, 0.0, z)
         veg = cls == VEGETATION
-        prim = _box(0.0, 0.0, x1 - x0, h, cls, rgb, tex=0.6 if veg else 0.1, freq=3.0 if veg else 0.3)
+        prim = _box(
+            0.0, 0.0, x1 - x0, h, cls, rgb, tex=0.6 if veg else 0.1, freq=3.0 if veg else 0.3
+        )
         _draw_prim(canvas, prim, ax, ay, scale, fade)
 
 
@@ -1520,7 +1567,9 @@ def _draw_facade(canvas: _Canvas, scene: _Scene, facade: _Facade) -> None:
     mask = (ys[:, None] >= top[None, :]) & (ys[:, None] < bottom[None, :])
     # facade coordinates: s along the street (= depth), t height above the ground
     t = F32(cam.height) - (ys[:, None] - F32(cam.horizon)) * (zc * F32(1.0 / cam.focal))[None, :]
-    style = np.asarray([s.style[:7] + (0.0,) * (7 - len(s.style[:7])) for s in segments], F32)[seg_c]
+    style = np.asarray([s.style[:7] + (0.0,) * (7 - len(s.style[:7])) for s in segments], F32)[
+        seg_c
+    ]
     colour = np.broadcast_to(
         np.asarray([s.rgb for s in segments], dtype=F32)[seg_c][None, :, :], (*mask.shape, 3)
     ).copy()
@@ -1536,7 +1585,10 @@ def _draw_facade(canvas: _Canvas, scene: _Scene, facade: _Facade) -> None:
         window = (fu > margin) & (fu < F32(1.0) - margin) & (fv > F32(0.25))
         window &= (fv < F32(0.25) + style[:, 3][None, :]) & (t > F32(2.5))
         window &= (t < heights[None, :] - F32(0.8)) & (cls_w == BUILDING)[None, :]
-        cell = np.floor(u).astype(np.int64)[None, :] * 73856093 ^ np.floor(v).astype(np.int64) * 19349663
+        cell = (
+            np.floor(u).astype(np.int64)[None, :] * 73856093
+            ^ np.floor(v).astype(np.int64) * 19349663
+        )
         glint = F32(0.8) + F32(0.4 / 255) * (cell & 255).astype(F32)
         glass = style[None, :, 4:7] * glint[..., None]
         colour = np.where(window[..., None], glass, colour)
@@ -1550,8 +1602,10 @@ def _draw_facade(canvas: _Canvas, scene: _Scene, facade: _Facade) -> None:
     fence = cls_w == FENCE
     if fence.any():
         u = zc / style[:, 0]
-        bar = ((u - np.floor(u)) < style[:, 1])[None, :] | (t > heights[None, :] - F32(0.1)) | (
-            t < F32(0.12)
+        bar = (
+            ((u - np.floor(u)) < style[:, 1])[None, :]
+            | (t > heights[None, :] - F32(0.1))
+            | (t < F32(0.12))
         )
         colour = np.where((~bar & fence[None, :])[..., None], style[None, :, 2:5], colour)
     light = F32(scene.light * scene.side_light[0 if facade.side < 0 else 1])
@@ -1560,7 +1614,9 @@ def _draw_facade(canvas: _Canvas, scene: _Scene, facade: _Facade) -> None:
     colour *= (shade * light)[..., None]
     colour += (sky[None, None, :] - colour) * fog[None, :, None]
     window_label = canvas.label[r0:r1, c0:c1]
-    np.copyto(window_label, np.broadcast_to(cls_w.astype(np.uint8)[None, :], mask.shape), where=mask)
+    np.copyto(
+        window_label, np.broadcast_to(cls_w.astype(np.uint8)[None, :], mask.shape), where=mask
+    )
     np.copyto(canvas.image[r0:r1, c0:c1], colour, where=mask[..., None])
 
 
@@ -1591,7 +1647,7 @@ def _draw_hood(canvas: _Canvas, hood: tuple[float, float, RGB], light: float) ->
     depth = np.minimum(np.maximum(below * F32(8.0), F32(0.0)), F32(1.0))
     shade = F32(0.55 * light) + F32(0.35 * light) * depth
     colour = np.asarray(rgb, dtype=F32) * shade[..., None]
-    canvas.paint(r0, 0, below >= 0, IGNORE_INDEX, colour)
+    canvas.paint(r0, canvas.h, 0, canvas.w, below >= 0, IGNORE_INDEX, colour)
 
 
 def _finish(canvas: _Canvas, scene: _Scene, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
