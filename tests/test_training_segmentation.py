@@ -177,6 +177,23 @@ def test_streaming_equals_cached(tmp_path: Path) -> None:
     assert _states_equal(a, b)
 
 
+def test_resume_with_a_dataset_without_repr(tmp_path: Path) -> None:
+    class Plain:
+        def __len__(self) -> int:
+            return len(TRAIN)
+
+        def __getitem__(self, i: int) -> Any:
+            return TRAIN[i]
+
+    kw: dict[str, Any] = dict(
+        steps=2, batch_size=2, lr=0.05, crop=(32, 64), device="cpu", out_dir=tmp_path,
+        eval_train_size=2, log=lambda _: None,
+    )  # fmt: skip
+    assert not train_segmentation(Tiny, Plain(), stop_after=1, **kw).finished
+    result = train_segmentation(Tiny, Plain(), **kw)
+    assert result.finished and result.summary["recipe"]["dataset"] == "Plain(size=6)"  # type: ignore[index]
+
+
 def test_time_limit_stops_with_a_checkpoint(tmp_path: Path) -> None:
     result = _run(tmp_path, time_limit_s=0.0)
     assert not result.finished and result.step == 0 and result.checkpoint.exists()

@@ -455,6 +455,14 @@ def _hardware(device: torch.device) -> dict[str, object]:
     return info
 
 
+def _describe(dataset: SegDataset) -> str:
+    """A dataset's repr when it has one of its own (stable across runs), else class and size."""
+    text = repr(dataset)
+    if " at 0x" in text:
+        text = f"{type(dataset).__name__}(size={len(dataset)})"
+    return text
+
+
 def _class_ious(result: MeanIoUResult, names: Sequence[str] | None) -> dict[str, float | None]:
     labels = names if names is not None else [str(k) for k in range(len(result.iou))]
     return {
@@ -528,8 +536,8 @@ def train_segmentation(
         aux_weight=aux_weight, ohem=ohem, ohem_thresh=ohem_thresh, ohem_min_kept=ohem_min_kept,
         boundary=boundary, boundary_weight=boundary_weight,
         boundary_sem_weight=boundary_sem_weight, seed=seed, amp=amp and cuda,
-        channels_last=channels_last and cuda, dataset=repr(dataset),
-        val_dataset="" if val_dataset is None else repr(val_dataset),
+        channels_last=channels_last and cuda, dataset=_describe(dataset),
+        val_dataset="" if val_dataset is None else _describe(val_dataset),
     )  # fmt: skip
     if len(dataset) == 0:
         raise HarnessError(f"training dataset {dataset!r} is empty")
