@@ -1273,6 +1273,8 @@ def _sample_sprites(
     cross_rails: tuple[float, ...],
     z_far: float,
 ) -> tuple[_Sprite, ...]:
+    """Traffic in the lanes, traffic crossing at the cross street, and life on the sidewalks
+    (people, poles with lights, signs and lamps, trees, parked cycles), sorted far to near."""
     sprites: list[_Sprite] = []
     near = cam.focal * cam.height / (1.0 - cam.horizon) + 1.0
 
@@ -1328,7 +1330,6 @@ def _sample_sprites(
 
     for side, s in sides.items():
         toward = -side
-
         curb_x = s.walk_inner + side * 0.45
         if crossing is not None and rng.random() < 0.6:
             add(curb_x, crossing[0] - 0.5, _pole(rng, toward, "mast"))
