@@ -590,11 +590,15 @@ def _mirror(d: int, *xs: float) -> tuple[float, ...]:
     return tuple(d * x for x in xs)
 
 
-def _wheel(cx: float, r: float, cls: int) -> list[_Prim]:
+def _wheel(cx: float, r: float, cls: int, hub: float = 0.55, rim: RGB = RIM) -> list[_Prim]:
+    """A tyre of radius r standing on the ground at x = cx, with a rim of relative size hub."""
     return [
         _Prim("ellipse", (cx, r, r, r), cls, TYRE, tex=0.0),
-        _Prim("ellipse", (cx, r, r * 0.55, r * 0.55), cls, RIM, tex=0.0),
+        _Prim("ellipse", (cx, r, r * hub, r * hub), cls, rim, tex=0.0),
     ]
+
+
+SPOKES: RGB = (175.0, 175.0, 170.0)
 
 
 def _car(rng: np.random.Generator, view: str) -> tuple[list[_Prim], float]:
@@ -861,19 +865,29 @@ def _cycle(
     r = 0.31 if motor else 0.34
     base = 0.72 if motor else 0.53
     back, front = -d * base, d * base
-    prims = _wheel(back, r, cls) + _wheel(front, r, cls)
-    if motor:
+    if motor:  # solid dark wheels, a bulky engine and fairing between them
+        prims = _wheel(back, r, cls, 0.35, (95, 95, 100)) + _wheel(
+            front, r, cls, 0.35, (95, 95, 100)
+        )
         prims += [
-            _Prim("poly", (back + d * 0.2, 0.45, front - d * 0.3, 0.42, front - d * 0.1, 0.75,
-                           back + d * 0.35, 0.85), cls, DARK),
-            _Prim("rbox", (min(-d * 0.15, d * 0.45), 0.7, max(-d * 0.15, d * 0.45), 0.98, 0.1),
+            _Prim("poly", (back + d * 0.15, 0.3, front - d * 0.25, 0.3, front - d * 0.05, 0.8,
+                           back + d * 0.3, 0.9), cls, DARK, tex=0.15, freq=8.0),
+            _Prim("rbox", (min(-d * 0.35, d * 0.5), 0.55, max(-d * 0.35, d * 0.5), 1.0, 0.15),
                   cls, paint, grad=0.2),
             _box(back, 0.8, -d * 0.15, 0.9, cls, (25, 25, 25)),
             _line(front, r, front - d * 0.2, 1.05, 0.07, cls, (70, 70, 75)),
             _Prim("ellipse", (front - d * 0.12, 0.95, 0.1, 0.08), cls, HEADLIGHT, tex=0.0),
         ]  # fmt: skip
         seat_x, seat_y, bar = -d * 0.25, 0.9, (front - d * 0.2, 1.05)
-    else:
+    else:  # thin tyres around light, see-through looking spokes and an open frame
+        prims = [
+            prim
+            for x in (back, front)
+            for prim in (
+                _Prim("ellipse", (x, r, r, r), cls, TYRE, tex=0.0),
+                _Prim("ellipse", (x, r, r * 0.86, r * 0.86), cls, SPOKES, tex=0.5, freq=14.0),
+            )
+        ]
         seat_x, seat_y, bar = back + d * 0.3, 0.9, (front - d * 0.1, 0.98)
         crank = (d * 0.02, r)
         head_tube = (front - d * 0.12, 0.85)
