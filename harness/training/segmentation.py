@@ -524,6 +524,16 @@ def train_segmentation(
     `val_every` steps. At the last step it writes `model_fp16.pt` (the `export`-filtered
     state_dict in fp16, by default the keys of PIDNet with augment=False) and `summary.json`
     (command, recipe, train/val mIoU, per-class IoU, hardware, wall time, step time).
+
+    Example (GPU, chunks of under ten minutes that resume one another)::
+
+        train_segmentation(
+            functools.partial(pidnet_s, num_classes=19, augment=True),
+            RoadScenes("train", size=3000, height=256, width=512),
+            val_dataset=RoadScenes("val", size=32, height=256, width=512),
+            steps=30000, batch_size=16, lr=0.01, crop=(256, 512), ohem=True,
+            device="cuda", num_workers=12, out_dir="runs/pidnet-s", time_limit_s=540,
+        )
     """
     started = time.monotonic()
     device = torch.device(device)
