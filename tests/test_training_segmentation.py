@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ class Tiny(nn.Module):
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Any:
+def _one_thread() -> Iterator[None]:
     """Tiny models run fastest single-threaded, and the test machine is shared."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

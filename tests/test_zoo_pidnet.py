@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,16 @@ from torch import fx, nn
 
 from harness.zoo.ops import Add, Concat
 from harness.zoo.pidnet import TRAINING_ONLY_PREFIXES, inference_state_dict, pidnet_s
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Small CPU inferences run fastest single-threaded, and the test machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # Parameter counts of the official PIDNet-S (XuJiacong/PIDNet models/pidnet.py, m=2, n=3,
 # planes=32, ppm_planes=96, head_planes=128, 19 classes), counted on a build of that code.
