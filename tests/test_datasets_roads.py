@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -107,6 +111,32 @@ def test_every_class_is_common() -> None:
         present = counts[:, cls] >= 16  # one output pixel of PIDNet at this resolution
         assert present.mean() >= 0.25, f"{name} in only {present.mean():.0%} of images"
     assert (counts[:, IGNORE_INDEX] > 0).any()
+
+
+DIGEST_SCRIPT = """
+import hashlib
+from harness.datasets.roads import RoadScenes
+for s in (RoadScenes("val", 2, 64, 128)[0], RoadScenes("train", 2, 128, 256)[1]):
+    print(hashlib.sha256(s.image.tobytes() + s.label.tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.slow
+def test_bytes_do_not_depend_on_numpy_simd_dispatch() -> None:
+    """The same bytes with numpy's widest SIMD kernels and with its baseline ones."""
+    try:
+        umath = importlib.import_module("numpy._core._multiarray_umath")
+        dispatch = [f for f in umath.__cpu_dispatch__ if umath.__cpu_features__.get(f)]
+    except (ImportError, AttributeError):
+        pytest.skip("numpy does not expose its CPU dispatch targets")
+    if not dispatch:
+        pytest.skip("this CPU has no SIMD extension beyond numpy's baseline")
+    env = dict(os.environ, NPY_DISABLE_CPU_FEATURES=" ".join(dispatch))
+    run = [sys.executable, "-c", DIGEST_SCRIPT]
+    baseline = subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout
+    widest = subprocess.run(run, capture_output=True, text=True, check=True).stdout
+    assert len(widest.split()) == 2
+    assert baseline == widest
 
 
 def test_bad_arguments() -> None:
