@@ -25,8 +25,8 @@ from harness.errors import HarnessError
 # sha256 of image bytes + label bytes. A change here means every generated dataset changed:
 # update only on purpose, together with anything trained or calibrated on the old one.
 PINNED = {
-    ("val", 64, 128, 0): "e4e17ce34319b1eaf84f71046d07e82d8f705fbd846dd3f0114c923b5f43587f",
-    ("train", 96, 192, 5): "9f9a13df10a01e24656cfc2768000b4b224444ba7f67a6900cfbbc00febc5621",
+    ("val", 64, 128, 0): "0ab676ac8d0c069674102f40e6b13054e7fe05b1332cb1feacdb1a3ce9bef4ea",
+    ("train", 96, 192, 5): "5873fb01efb77167581f1bdd1a05bc1f14bb4f8b32ba3ef4ed78bd56017a391b",
 }
 
 

@@ -1357,9 +1357,7 @@ def _sample_sprites(
         z = near + rng.uniform(-1.0, 6.0)
         while z < 60.0:
             u = rng.random()
-            if z > 45.0 and (u < 0.3 or 0.7 <= u < 0.96):
-                pass  # people and parked cycles further away are too small to be learnt
-            elif u < 0.3:
+            if u < 0.3:
                 for _ in range(int(rng.integers(1, 4))):
                     add(_on_walk(rng, s), z + rng.uniform(-1.0, 1.0), _person(rng))
             elif u < 0.4:
