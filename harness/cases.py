@@ -290,6 +290,12 @@ def load_case(path: str | Path, *, root: Path | None = None, profile: str = DEFA
     if not isinstance(raw, dict):
         raise CaseError(path, f"a case file must be a mapping at the top level, got {type(raw).__name__}", line=1)
     data = _apply_profile(path, raw, profile, lines)
+    backends = data.get("backends")
+    if isinstance(backends, dict):
+        for name in backends:
+            if name not in known_backends():
+                raise CaseError(path, f"unknown backend '{name}'; known backends: {', '.join(known_backends())}",
+                                line=lines.get(("backends", str(name))), key=f"backends.{name}")
     try:
         spec = CaseSpec.model_validate(data)
     except ValidationError as exc:

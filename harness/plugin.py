@@ -132,7 +132,12 @@ class CaseFile(pytest.File):
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         """Case errors are shown as their message (file, line, key), without a traceback."""
         if isinstance(excinfo.value, CaseError):
-            return f"invalid case file: {excinfo.value}"
+            shown = self.config.rootpath / excinfo.value.path
+            try:
+                shown = shown.resolve().relative_to(self.config.rootpath.resolve())
+            except ValueError:
+                pass
+            return f"invalid case file: {excinfo.value.render(shown)}"
         return str(super().repr_failure(excinfo))
 
 
@@ -180,8 +185,7 @@ class CaseItem(pytest.Item):
                              item=self.kind, stage=self.stage, nodeid=self.nodeid)
         reason = run.unavailable_reason(backend)
         if reason:
-            self.record.verdict, self.record.reason = "skipped", reason
-            pytest.skip(reason)
+            self._skip(reason)
         try:
             if self.kind == "golden":
                 assert self.stage is not None
@@ -189,8 +193,7 @@ class CaseItem(pytest.Item):
             elif self.kind == "metric":
                 self.record = run.check_metric(backend)
         except BackendUnavailable as exc:
-            self.record.verdict, self.record.reason = "skipped", str(exc)
-            pytest.skip(str(exc))
+            self._skip(str(exc))
         except ItemFailure as exc:
             self.record = exc.record
             self.record.reason = exc.text
@@ -200,15 +203,22 @@ class CaseItem(pytest.Item):
             raise
         self.record.nodeid = self.nodeid
 
+    def _skip(self, reason: str) -> None:
+        """Skip, reported at the backend's line in the case file rather than in this module."""
+        assert self.record is not None
+        self.record.verdict, self.record.reason = "skipped", reason
+        raise pytest.skip.Exception(reason, _use_item_location=True)
+
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         """Our failures are their table or message; anything else gets pytest's traceback."""
         if isinstance(excinfo.value, (ItemFailure, HarnessError)):
             return str(excinfo.value)
         return str(super().repr_failure(excinfo))
 
-    def reportinfo(self) -> tuple[Path, int | None, str]:
-        """Location shown in reports: the case file and the item name."""
-        return self.path, None, f"{self.node.name}::{self.name}"
+    def reportinfo(self) -> tuple[Path, int, str]:
+        """Location shown in reports: the case file at the backend's line, and the item name."""
+        line = self.node.case.line_of("backends", self.node.backend) or 1
+        return self.path, line - 1, f"{self.node.name}::{self.name}"
 
 
 class ReportingPlugin:
