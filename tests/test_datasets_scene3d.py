@@ -67,7 +67,7 @@ def test_classes_attributes_and_ranges_follow_the_devkit() -> None:
 def test_box_rejects_bad_fields() -> None:
     with pytest.raises(SceneError, match="van"):
         Box3D("van", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 0.0)
-    with pytest.raises(SceneError, match="cycle.with_rider"):
+    with pytest.raises(SceneError, match=r"cycle\.with_rider"):
         Box3D("car", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 0.0, attribute="cycle.with_rider")
     with pytest.raises(SceneError, match="positive"):
         Box3D("car", (0.0, 0.0, 0.0), (1.0, 0.0, 1.0), 0.0)
@@ -228,7 +228,9 @@ def test_velocities_and_headings_match_attributes(scenes: list[scene3d.Scene]) -
                     pytest.approx(speed)
                 )
             if b.attribute == "vehicle.moving":
-                off = min(abs((b.yaw - h + math.pi) % (2 * math.pi) - math.pi) for h in lane_headings)
+                off = min(
+                    abs((b.yaw - h + math.pi) % (2 * math.pi) - math.pi) for h in lane_headings
+                )
                 assert off < 0.25, (s.token, b)
             if b.label in ("traffic_cone", "barrier"):
                 assert b.attribute == ""
@@ -242,20 +244,22 @@ def test_vehicle_headings_cover_both_directions(scenes: list[scene3d.Scene]) -> 
 
 
 def test_ground_material_marks_lanes_sidewalks_and_grass() -> None:
-    road = make_scene("val", 0, 1).road
-    lo, hi = road.asphalt
-    x = np.array([0.5, 0.5, 0.5, 0.5])
-    y = np.array(
-        [road.edge_lines[0], road.centre_line, lo - 0.5 * road.sidewalk_width, hi + road.sidewalk_width + 1.0]
-    )
-    mat = ground_material(road, x, y)
-    centre = scene3d.LANE_YELLOW if road.side == 1 else scene3d.LANE_WHITE
-    expected = [scene3d.LANE_WHITE, centre, scene3d.SIDEWALK, scene3d.GRASS]
-    if road.cross_x is not None and abs(0.5 - road.cross_x) <= road.cross_half_width:
-        pytest.skip("cross road at x=0.5")
-    assert mat.tolist() == expected
-    between = ground_material(road, np.array([0.5]), np.array([0.5 * (road.edge_lines[0] + road.centre_line)]))
-    assert between[0] in (scene3d.ASPHALT, scene3d.LANE_WHITE)
+    for index in range(6):
+        road = make_scene("val", 0, index).road
+        lo, hi = road.asphalt
+        x0 = 0.5
+        if road.cross_x is not None and abs(x0 - road.cross_x) < road.cross_half_width + 5.0:
+            x0 = road.cross_x + road.cross_half_width + 6.0
+        ys = [road.edge_lines[0], road.centre_line, lo - 0.5 * road.sidewalk_width]
+        ys += [hi + road.sidewalk_width + 1.0, 0.0]
+        mat = ground_material(road, np.full(len(ys), x0), np.asarray(ys))
+        centre = scene3d.LANE_YELLOW if road.side == 1 else scene3d.LANE_WHITE
+        # The ego lane centre (y = 0) is plain asphalt.
+        expected = [scene3d.LANE_WHITE, centre, scene3d.SIDEWALK, scene3d.GRASS, scene3d.ASPHALT]
+        assert mat.tolist() == expected, index
+        if road.cross_x is not None:
+            on_cross = ground_material(road, np.array([road.cross_x]), np.array([hi + 20.0]))
+            assert on_cross[0] == scene3d.ASPHALT
 
 
 def test_intersect_box_axis_aligned_faces() -> None:
@@ -267,7 +271,9 @@ def test_intersect_box_axis_aligned_faces() -> None:
     assert hits.t.tolist()[:3] == [8.0, math.inf, math.inf]
     assert hits.face.tolist()[:3] == [1, -1, -1]  # back face (-x) seen from the origin
     # From above: top face.
-    top = intersect_box((10.5, 0.2, 5.0), np.array([0.0]), np.array([0.0]), np.array([-1.0]), center, size, 0.0)
+    top = intersect_box(
+        (10.5, 0.2, 5.0), np.array([0.0]), np.array([0.0]), np.array([-1.0]), center, size, 0.0
+    )
     assert top.t[0] == pytest.approx(4.5)
     assert top.face[0] == 4
     # A box turned by 180 degrees shows its front face to the origin.
@@ -295,7 +301,9 @@ def test_intersect_box_hits_lie_on_the_surface_and_enter_it(
     if math.hypot(cx, cy) < math.hypot(length, w) / 2 + 0.1:
         return
     d = (math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el))
-    hits = intersect_box(origin, np.array([d[0]]), np.array([d[1]]), np.array([d[2]]), center, (w, length, h), yaw)
+    hits = intersect_box(
+        origin, np.array([d[0]]), np.array([d[1]]), np.array([d[2]]), center, (w, length, h), yaw
+    )
     c, s = math.cos(yaw), math.sin(yaw)
 
     def local(t: float) -> tuple[float, float, float]:
@@ -304,7 +312,9 @@ def test_intersect_box_hits_lie_on_the_surface_and_enter_it(
 
     def inside(q: tuple[float, float, float], slack: float) -> bool:
         return (
-            abs(q[0]) <= length / 2 + slack and abs(q[1]) <= w / 2 + slack and abs(q[2]) <= h / 2 + slack
+            abs(q[0]) <= length / 2 + slack
+            and abs(q[1]) <= w / 2 + slack
+            and abs(q[2]) <= h / 2 + slack
         )
 
     t = float(hits.t[0])

@@ -188,8 +188,12 @@ def test_generated_boxes_are_drawn_inside_their_projection(ci_samples: list[Scen
                 if (cd <= 0).any():
                     continue
                 seen += 1
-                assert cols.min() >= math.floor(cu.min()) - 1 and cols.max() <= math.ceil(cu.max()) + 1
-                assert rows.min() >= math.floor(cv.min()) - 1 and rows.max() <= math.ceil(cv.max()) + 1
+                assert (
+                    cols.min() >= math.floor(cu.min()) - 1 and cols.max() <= math.ceil(cu.max()) + 1
+                )
+                assert (
+                    rows.min() >= math.floor(cv.min()) - 1 and rows.max() <= math.ceil(cv.max()) + 1
+                )
     assert seen > 20
 
 
@@ -208,7 +212,9 @@ def _digest(sample: SceneSample) -> str:
     h = hashlib.sha256(sample.images.tobytes())
     h.update(sample.lidar2img.tobytes())
     for b in sample.boxes:
-        h.update(np.asarray([*b.center, *b.size, b.yaw, b.num_pts or 0], dtype=np.float64).tobytes())
+        h.update(
+            np.asarray([*b.center, *b.size, b.yaw, b.num_pts or 0], dtype=np.float64).tobytes()
+        )
     return h.hexdigest()
 
 
@@ -225,9 +231,7 @@ def test_samples_are_deterministic_and_pinned() -> None:
 def test_full_size_sample_is_pinned() -> None:
     s = DrivingScenes("val", size=1, seed=0)[0]
     assert s.images.shape == (6, 256, 704, 3)
-    assert _digest(s) == (
-        "178cce257f96b06b2b30a02e0cf70c8193156d880a50fa1f77ae152b879816eb"
-    )
+    assert _digest(s) == ("178cce257f96b06b2b30a02e0cf70c8193156d880a50fa1f77ae152b879816eb")
 
 
 def test_bad_requests_are_named() -> None:

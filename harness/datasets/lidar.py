@@ -37,6 +37,7 @@ from harness.datasets.scene3d import (
     Box3D,
     Scene,
     SceneError,
+    check_layout_args,
     ground_material,
     intersect_box,
     make_scene,
@@ -332,7 +333,7 @@ class LidarSweeps:
         pcr, vs = self._grid()
         nx, ny, nz = grid_shape(pcr, vs)
         self.spatial_shape = (nz + 1, ny, nx)
-        make_scene(split, seed, 0, max_range=max_range, max_boxes=0)
+        check_layout_args(split, seed, max_range=max_range, max_boxes=max_boxes)
         if self.beams < 2 or self.azimuth_steps < 8:
             raise SceneError(
                 f"LiDAR needs >= 2 beams and >= 8 azimuth steps, got {self.beams}, {self.azimuth_steps}"

@@ -266,6 +266,18 @@ def scene_rng(split: str, seed: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), SPLITS[split], int(index)]))
 
 
+def check_layout_args(split: str, seed: int, *, max_range: float, max_boxes: int) -> None:
+    """Raise SceneError naming the argument when make_scene would refuse these arguments."""
+    if split not in SPLITS:
+        raise SceneError(f"split {split!r} is not one of {tuple(SPLITS)}")
+    if seed < 0:
+        raise SceneError(f"seed {seed} must be >= 0")
+    if max_range <= 5.0:
+        raise SceneError(f"max_range {max_range} must be > 5 m")
+    if max_boxes < 0:
+        raise SceneError(f"max_boxes {max_boxes} must be >= 0")
+
+
 def make_scene(
     split: str, seed: int, index: int, *, max_range: float = 50.0, max_boxes: int = 40
 ) -> Scene:
@@ -274,10 +286,7 @@ def make_scene(
     Boxes lie strictly inside min(class range, `max_range`) (xy distance); the number of boxes
     is drawn from [max_boxes // 2, max_boxes] and may fall short when the road is full.
     """
-    if max_range <= 5.0:
-        raise SceneError(f"max_range {max_range} must be > 5 m")
-    if max_boxes < 0:
-        raise SceneError(f"max_boxes {max_boxes} must be >= 0")
+    check_layout_args(split, seed, max_range=max_range, max_boxes=max_boxes)
     rng = scene_rng(split, seed, index)
     return generate_scene(
         rng, token=scene_token(split, seed, index), max_range=max_range, max_boxes=max_boxes
@@ -594,8 +603,8 @@ def generate_scene(
         _footprint(s.center[0], s.center[1], s.size[0], s.size[1], s.yaw, 0.1) for s in statics
     ]
     labels = CLASSES
-    probs = np.asarray([CLASS_WEIGHT[c] for c in labels])
-    probs = probs / probs.sum()
+    total = sum(CLASS_WEIGHT[c] for c in labels)
+    probs = np.asarray([CLASS_WEIGHT[c] / total for c in labels])
     target = int(rng.integers(max_boxes // 2, max_boxes + 1)) if max_boxes else 0
     boxes: list[Box3D] = []
     colours: list[tuple[float, float, float]] = []

@@ -44,6 +44,7 @@ from harness.datasets.scene3d import (
     Box3D,
     Scene,
     SceneError,
+    check_layout_args,
     ground_material,
     intersect_box,
     make_scene,
@@ -578,7 +579,7 @@ class DrivingScenes:
     ) -> None:
         if size < 0:
             raise SceneError(f"size {size} must be >= 0")
-        make_scene(split, seed, 0, max_range=max_range, max_boxes=0)
+        check_layout_args(split, seed, max_range=max_range, max_boxes=max_boxes)
         self.split = split
         self.size = size
         self.image_height = image_height
