@@ -153,15 +153,11 @@ def cast_lidar(
     shape = (beams, azimuth_steps)
     with np.errstate(divide="ignore"):
         t = np.where(dz < 0.0, GROUND_Z / dz, np.inf) + np.zeros(shape)
+    # owner: index into boxes + statics, or GROUND / NOTHING.
     owner = np.where(np.isfinite(t), GROUND, NOTHING).astype(np.int32)
-    objects: list[
-        tuple[int, np.ndarray, tuple[float, float, float], tuple[float, float, float], float]
-    ] = [(k, b.corners(), b.center, b.size, b.yaw) for k, b in enumerate(scene.boxes)]
-    for s in scene.statics:
-        corners = Box3D("barrier", s.center, s.size, s.yaw).corners()
-        objects.append((CLUTTER, corners, s.center, s.size, s.yaw))
-    static_at: dict[int, int] = {}
-    for oi, (index, corners, center, size, yaw) in enumerate(objects):
+    solids = [(b.corners(), b.center, b.size, b.yaw) for b in scene.boxes]
+    solids += [(s.corners(), s.center, s.size, s.yaw) for s in scene.statics]
+    for oi, (corners, center, size, yaw) in enumerate(solids):
         cols = _azimuth_window(corners, azimuth_steps)
         hits = intersect_box((0.0, 0.0, 0.0), dx[:, cols], dy[:, cols], dz, center, size, yaw)
         current = t[:, cols]
@@ -169,15 +165,11 @@ def cast_lidar(
         if not win.any():
             continue
         t[:, cols] = np.where(win, hits.t, current)
-        code = index if index >= 0 else CLUTTER - 1 - (oi - len(scene.boxes))
-        owner[:, cols] = np.where(win, code, owner[:, cols])
-        if index < 0:
-            static_at[code] = oi - len(scene.boxes)
+        owner[:, cols] = np.where(win, oi, owner[:, cols])
     keep = (t <= sensor_range) & (owner != NOTHING)
     # Azimuth-major order, as a spinning sensor delivers its packets.
-    keep_t, t_t = keep.T, t.T
-    sel = np.nonzero(keep_t)
-    dist = t_t[sel]
+    sel = np.nonzero(keep.T)
+    dist = t.T[sel]
     px = dist * dx.T[sel]
     py = dist * dy.T[sel]
     pz = dist * np.broadcast_to(dz, shape).T[sel]
@@ -186,26 +178,25 @@ def cast_lidar(
     noise = (mix_hash(ray_id ^ np.uint32(scene.texture_seed)) >> np.uint32(8)).astype(
         np.float64
     ) * (1.0 / 16777216.0)
-    base = np.zeros(dist.shape, dtype=np.float64)
+    solid_intensity = np.asarray(
+        [_BOX_INTENSITY[b.label] for b in scene.boxes]
+        + [_STATIC_INTENSITY[s.kind] for s in scene.statics]
+        + [0.0]
+    )
+    base = solid_intensity[np.where(own >= 0, own, len(solids))]
     ground = own == GROUND
     if ground.any():
-        mat = ground_material(scene.road, px[ground], py[ground])
-        base[ground] = _GROUND_INTENSITY[mat]
-    for k, box in enumerate(scene.boxes):
-        base[own == k] = _BOX_INTENSITY[box.label]
-    for code, si in static_at.items():
-        base[own == code] = _STATIC_INTENSITY.get(scene.statics[si].kind, 30.0)
+        base[ground] = _GROUND_INTENSITY[ground_material(scene.road, px[ground], py[ground])]
     intensity = np.minimum(base * (0.75 + 0.5 * noise), 255.0)
     points = np.zeros((dist.shape[0], 5), dtype=np.float32)
     points[:, 0] = px
     points[:, 1] = py
     points[:, 2] = pz
     points[:, 3] = intensity
-    owner_out = np.where(own <= CLUTTER, CLUTTER, own).astype(np.int32)
-    counts = np.bincount(own[own >= 0], minlength=len(scene.boxes))
-    return LidarScan(
-        points=points, owner=owner_out, counts=tuple(int(c) for c in counts[: len(scene.boxes)])
-    )
+    n_boxes = len(scene.boxes)
+    owner_out = np.where(own >= n_boxes, CLUTTER, own).astype(np.int32)
+    counts = np.bincount(own[(own >= 0) & (own < n_boxes)], minlength=n_boxes)
+    return LidarScan(points=points, owner=owner_out, counts=tuple(int(c) for c in counts))
 
 
 def grid_shape(

@@ -142,6 +142,24 @@ class SceneError(HarnessError):
     """A box or scene request is invalid; the message names the box, field or split."""
 
 
+def box_corners(
+    center: tuple[float, float, float], size: tuple[float, float, float], yaw: float
+) -> np.ndarray:
+    """The 8 corners (8, 3) float64 of an upright box (`size` (w, l, h), l along `yaw`): bottom
+    face first, each face counter-clockwise from the front-left corner."""
+    w, length, h = size
+    c, s = math.cos(yaw), math.sin(yaw)
+    out = np.empty((8, 3), dtype=np.float64)
+    local = ((0.5, 0.5), (-0.5, 0.5), (-0.5, -0.5), (0.5, -0.5))
+    for k, (fx, fy) in enumerate(local):
+        lx, ly = fx * length, fy * w
+        x = center[0] + c * lx - s * ly
+        y = center[1] + s * lx + c * ly
+        out[k] = (x, y, center[2] - 0.5 * h)
+        out[k + 4] = (x, y, center[2] + 0.5 * h)
+    return out
+
+
 @dataclass(frozen=True)
 class Box3D:
     """One ground-truth box of a nuScenes detection class, in the frame described above.
@@ -177,17 +195,7 @@ class Box3D:
     def corners(self) -> np.ndarray:
         """The 8 corners (8, 3) float64: bottom face first, each face counter-clockwise from
         the front-left corner (front = +l/2 along the heading)."""
-        w, length, h = self.size
-        c, s = math.cos(self.yaw), math.sin(self.yaw)
-        out = np.empty((8, 3), dtype=np.float64)
-        local = ((0.5, 0.5), (-0.5, 0.5), (-0.5, -0.5), (0.5, -0.5))
-        for k, (fx, fy) in enumerate(local):
-            lx, ly = fx * length, fy * w
-            x = self.center[0] + c * lx - s * ly
-            y = self.center[1] + s * lx + c * ly
-            out[k] = (x, y, self.center[2] - 0.5 * h)
-            out[k + 4] = (x, y, self.center[2] + 0.5 * h)
-        return out
+        return box_corners(self.center, self.size, self.yaw)
 
     def to_nds(self, score: float | None = None) -> dict[str, object]:
         """The box as the mapping `harness.metrics.nds.evaluate` takes: label, center, size,
@@ -216,6 +224,10 @@ class Static:
     size: tuple[float, float, float]
     yaw: float
     colour: tuple[float, float, float]
+
+    def corners(self) -> np.ndarray:
+        """The 8 corners (8, 3) float64, as `Box3D.corners`."""
+        return box_corners(self.center, self.size, self.yaw)
 
 
 @dataclass(frozen=True)

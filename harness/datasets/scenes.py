@@ -503,8 +503,7 @@ def render_scene(scene: Scene, image_height: int = 256, image_width: int = 704) 
     for k, box in enumerate(scene.boxes):
         objects.append((k, box.corners(), box.center, box.size, box.yaw))
     for static in scene.statics:
-        corners = Box3D("barrier", static.center, static.size, static.yaw).corners()
-        objects.append((-1, corners, static.center, static.size, static.yaw))
+        objects.append((-1, static.corners(), static.center, static.size, static.yaw))
     shades = [_face_shades(yaw) for *_, yaw in objects]
     for ci, cam in enumerate(rig.cams):
         rgb = rig.background[ci].copy()
