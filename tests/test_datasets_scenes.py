@@ -239,5 +239,8 @@ def test_bad_requests_are_named() -> None:
         DrivingScenes("dev", size=1)
     with pytest.raises(SceneError, match="too small"):
         camera_rig(4, 4)
+    ds = DrivingScenes("val", size=2, image_height=64, image_width=176)
     with pytest.raises(IndexError, match="out of range"):
-        DrivingScenes("val", size=1, image_height=64, image_width=176)[1]
+        ds[2]
+    assert ds.scene(-1) == ds.scene(1)
+    assert [s.token for s in ds] == ["val-0-000000", "val-0-000001"]

@@ -343,8 +343,9 @@ class LidarSweeps:
 
     def scene(self, index: int) -> Scene:
         """The layout of sample `index` (no ray casting)."""
-        if not 0 <= index < self.size:
+        if not -self.size <= index < self.size:
             raise IndexError(f"sample index {index} out of range for {self.size} samples")
+        index %= self.size
         return make_scene(
             self.split, self.seed, index, max_range=self.max_range, max_boxes=self.max_boxes
         )
