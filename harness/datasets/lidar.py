@@ -22,6 +22,7 @@ y (41 x 180 x 180) and a 16-beam, 720-step sensor.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -340,6 +341,10 @@ class LidarSweeps:
 
     def __len__(self) -> int:
         return self.size
+
+    def __iter__(self) -> Iterator[LidarSample]:
+        for index in range(self.size):
+            yield self[index]
 
     def scene(self, index: int) -> Scene:
         """The layout of sample `index` (no ray casting)."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -590,6 +591,10 @@ class DrivingScenes:
 
     def __len__(self) -> int:
         return self.size
+
+    def __iter__(self) -> Iterator[SceneSample]:
+        for index in range(self.size):
+            yield self[index]
 
     def scene(self, index: int) -> Scene:
         """The layout of sample `index` (no rendering)."""
