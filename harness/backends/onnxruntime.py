@@ -93,6 +93,20 @@ def export_key(ctx: PrepareContext, flavour: str, feeds: dict[str, dict[str, tor
     return content_key("onnx", flavour, ctx.model_key, shapes, OPSET, library_versions())
 
 
+def float_onnx(ctx: PrepareContext) -> dict[str, Path]:
+    """The float ONNX file of every stage, exported once and cached by content hash (shared by
+    ort-fp32 and trt-fp16)."""
+    feeds = ctx.stage_feeds()
+    program = ctx.program(ctx.float_model())
+
+    def build(folder: Path) -> None:
+        for name, stage in program.stages.items():
+            export_stage(stage, feeds[name], folder / f"{name}.onnx")
+
+    folder = ctx.cache.entry(f"{ctx.case.name}/onnx-fp32", export_key(ctx, "fp32", feeds), build)
+    return {name: folder / f"{name}.onnx" for name in program.stages}
+
+
 def session_runner(ctx: PrepareContext, paths: dict[str, Path], precision: str) -> OrtRunner:
     """Open one session per stage ONNX and describe the provider and device used."""
     sessions = {stage: make_session(path, ctx.device) for stage, path in paths.items()}
@@ -112,12 +126,4 @@ class OrtFP32(Backend):
 
     def prepare(self, ctx: PrepareContext) -> Runner:
         """Export every stage (cached by content hash) and open sessions."""
-        feeds = ctx.stage_feeds()
-        program = ctx.program(ctx.float_model())
-
-        def build(folder: Path) -> None:
-            for name, stage in program.stages.items():
-                export_stage(stage, feeds[name], folder / f"{name}.onnx")
-
-        folder = ctx.cache.entry(f"{ctx.case.name}/onnx-fp32", export_key(ctx, "fp32", feeds), build)
-        return session_runner(ctx, {name: folder / f"{name}.onnx" for name in program.stages}, "fp32")
+        return session_runner(ctx, float_onnx(ctx), "fp32")
