@@ -640,7 +640,8 @@ def max_batch(ctx: PrepareContext) -> int:
 
 def qdq_onnx(ctx: PrepareContext) -> dict[str, Path]:
     """The Q/DQ ONNX of every stage of the calibrated model in TensorRT's layout (Q/DQ on conv
-    inputs and weights), exported once and cached by the model and quantization identity."""
+    inputs and weights), exported once and cached by the model and quantization identity; the
+    batch dimension is dynamic where the float export's is."""
     from harness.export.qdq import export_qdq
 
     feeds = ctx.stage_feeds()
@@ -649,8 +650,9 @@ def qdq_onnx(ctx: PrepareContext) -> dict[str, Path]:
         program = ctx.program(ctx.quantized_model())
         for name, stage in program.stages.items():
             example = tuple(feeds[name][n] for n in stage.inputs)
+            dynamic = {n: {0: "batch"} for n in (*stage.inputs, *stage.outputs)} if stage.dynamic_batch else None
             export_qdq(stage.module, example, folder / f"{name}.onnx", layout="tensorrt",
-                       input_names=list(stage.inputs), output_names=list(stage.outputs))
+                       input_names=list(stage.inputs), output_names=list(stage.outputs), dynamic_axes=dynamic)
 
     key = content_key(export_key(ctx, "qdq-tensorrt", feeds), ctx.quant_key())
     folder = ctx.cache.entry(f"{ctx.case.name}/onnx-qdq-tensorrt", key, build)
