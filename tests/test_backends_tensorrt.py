@@ -82,18 +82,22 @@ def test_no_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(trt_backend, "tensorrt_import_problem", lambda: None)
     monkeypatch.setattr(trt_backend, "cuda_available", lambda: False)
     assert unavailable_reason(CUDA) == NO_CUDA
+    assert backend_class("trt-fp16")().unavailable_reason(CUDA) == "trt-fp16 needs a CUDA device: no CUDA device"
     monkeypatch.setattr(trt_backend, "cuda_available", lambda: True)
-    reason = unavailable_reason(torch.device("cpu"))
-    assert reason is not None and reason.startswith(NO_CUDA) and "cpu" in reason
+    assert unavailable_reason(torch.device("cpu")) == "--device is cpu"
+    assert backend_class("trt-int8")().unavailable_reason(torch.device("cpu")) == "trt-int8 needs a CUDA device: --device is cpu"
     assert unavailable_reason(CUDA) is None
+    assert backend_class("trt-int8")().unavailable_reason(CUDA) is None
 
 
-@pytest.mark.parametrize("name", ["trt-fp16", "trt-int8"])
-def test_registered_backends_skip_on_cpu(name: str) -> None:
-    backend = backend_class(name)()
-    assert backend.name == name
-    reason = backend.unavailable_reason(torch.device("cpu"))
-    assert reason is not None and reason == unavailable_reason(torch.device("cpu"))
+def test_tensorrt_is_checked_before_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setattr(trt_backend, "cuda_available", lambda: False)
+    assert unavailable_reason(CUDA) == NOT_INSTALLED
+    for name in ("trt-fp16", "trt-int8"):
+        backend = backend_class(name)()
+        assert backend.name == name
+        assert backend.unavailable_reason(torch.device("cpu")) == f"{name} needs TensorRT: tensorrt is not installed"
 
 
 # -- cache keys ----------------------------------------------------------------------------------

@@ -94,16 +94,18 @@ def tensorrt_import_problem() -> str | None:
     return None
 
 
-def unavailable_reason(device: torch.device) -> str | None:
-    """The skip reason of the TensorRT backends for a run on `device`, or None when they can run."""
-    problem = tensorrt_import_problem()
-    if problem is not None:
-        return problem
+def cuda_problem(device: torch.device) -> str | None:
+    """None when a run on `device` can use CUDA, else why not ("no CUDA device", "--device is cpu")."""
     if not cuda_available():
         return NO_CUDA
     if device.type != "cuda":
-        return f"{NO_CUDA} selected: this run's device is {device}"
+        return f"--device is {device.type}"
     return None
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the TensorRT backends cannot run on `device` (TensorRT first, then CUDA), or None."""
+    return tensorrt_import_problem() or cuda_problem(device)
 
 
 def supports_strongly_typed() -> bool:
@@ -694,8 +696,15 @@ class _TensorRT(Backend):
     precision: ClassVar[str]
 
     def unavailable_reason(self, device: torch.device) -> str | None:
-        """Skip without TensorRT, without CUDA, or when the run's device is not CUDA."""
-        return unavailable_reason(device)
+        """Skip without TensorRT, without CUDA, or when the run's device is not CUDA
+        ("trt-int8 needs TensorRT: tensorrt is not installed")."""
+        problem = tensorrt_import_problem()
+        if problem is not None:
+            return f"{self.name} needs TensorRT: {problem}"
+        problem = cuda_problem(device)
+        if problem is not None:
+            return f"{self.name} needs a CUDA device: {problem}"
+        return None
 
 
 class TrtFP16(_TensorRT):
