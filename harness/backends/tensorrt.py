@@ -20,6 +20,7 @@ package) the backends skip with "tensorrt is not installed"; without CUDA, "no C
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -300,7 +301,7 @@ def precision_summary(layers: Sequence[LayerPrecision]) -> str:
 # -- building and loading engines --------------------------------------------------------------
 
 class _Messages:
-    """Errors TensorRT logged since the last `clear` (added to build / run failure messages)."""
+    """Errors TensorRT logged since they were last taken or cleared (for failure messages)."""
 
     def __init__(self) -> None:
         self.errors: list[str] = []
@@ -313,14 +314,12 @@ class _Messages:
 
 
 _MESSAGES = _Messages()
-_LOGGER: list[trt.ILogger] = []
 
 
+@functools.cache
 def trt_logger() -> trt.ILogger:
     """The process-wide TensorRT logger (TensorRT wants one): errors are collected for messages,
     warnings go to the `qharness.tensorrt` logging channel."""
-    if _LOGGER:
-        return _LOGGER[0]
     import tensorrt as trt
 
     class _Logger(trt.ILogger):
@@ -336,8 +335,7 @@ def trt_logger() -> trt.ILogger:
             else:
                 _log.debug(msg)
 
-    _LOGGER.append(_Logger())
-    return _LOGGER[0]
+    return _Logger()
 
 
 def _timing_cache(config: trt.IBuilderConfig, serialized: bytes) -> trt.ITimingCache:
@@ -539,7 +537,10 @@ class StageEngine:
         inputs = tuple(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         outputs = tuple(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
         dtypes = {n: torch_dtype(engine.get_tensor_dtype(n).name) for n in names}
-        return StageEngine(engine.create_execution_context(), engine, inputs, outputs, dtypes)
+        context: trt.IExecutionContext | None = engine.create_execution_context()
+        if context is None:
+            raise HarnessError(f"TensorRT could not create an execution context: {_MESSAGES.take() or 'out of memory?'}")
+        return StageEngine(context, engine, inputs, outputs, dtypes)
 
 
 @dataclass
