@@ -15,7 +15,9 @@ from harness.errors import HarnessError
 from harness.zoo.ops import Add
 from harness.zoo.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
 
-pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:You are using the legacy TorchScript-based ONNX export"
+)
 
 
 @pytest.mark.parametrize(
@@ -23,7 +25,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchSc
     # Parameter counts of torchvision's resnet18/34/50 without the fc layer.
     [(resnet18, 11_176_512), (resnet34, 21_284_672), (resnet50, 23_508_032)],
 )
-def test_parameter_count_matches_reference_architecture(factory: Callable[[], ResNet], params: int) -> None:
+def test_parameter_count_matches_reference_architecture(
+    factory: Callable[[], ResNet], params: int
+) -> None:
     model = factory()
     assert sum(p.numel() for p in model.parameters()) == params
 
@@ -81,7 +85,9 @@ def test_add_receives_branch_then_identity(depth: int) -> None:
             x = block_in.pop()
             expected_identity = x if block.downsample is None else block.downsample(x)
             last_bn = block.bn3 if isinstance(block, Bottleneck) else block.bn2
-            seen.append((name, torch.equal(identity, expected_identity) and out.shape == identity.shape))
+            seen.append(
+                (name, torch.equal(identity, expected_identity) and out.shape == identity.shape)
+            )
             assert last_bn.num_features == out.shape[1]
 
         block.add.register_forward_hook(on_add)

@@ -110,7 +110,9 @@ class ResNet(nn.Module):
         if depth not in _ARCH:
             raise HarnessError(f"ResNet: depth {depth} is not one of {sorted(_ARCH)}")
         if not out_indices or any(i not in range(4) for i in out_indices):
-            raise HarnessError(f"ResNet: out_indices {tuple(out_indices)} must be a non-empty subset of 0..3")
+            raise HarnessError(
+                f"ResNet: out_indices {tuple(out_indices)} must be a non-empty subset of 0..3"
+            )
         if base_channels < 1:
             raise HarnessError(f"ResNet: base_channels must be positive, got {base_channels}")
         block, stage_blocks = _ARCH[depth]
