@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import HarnessError
-from harness.zoo.layers import ConvModule
+from harness.zoo.layers import ConvModule, init_kaiming
 from harness.zoo.ops import Add, Concat
 from harness.zoo.resnet import ResNet
 
@@ -672,6 +672,8 @@ class FastBEV(nn.Module):
         self.neck_3d = M2BevNeck(
             config.fpn_channels * config.grid[2], config.neck3d_channels, config.neck3d_layers
         )
+        for part in (self.neck, self.neck_fuse, self.neck_3d):
+            init_kaiming(part)
         self.bbox_head = AnchorHead(
             config.neck3d_channels, config.num_anchors_per_cell, config.num_classes
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ConvModule"]
+__all__ = ["ConvModule", "init_kaiming"]
 
 
 class ConvModule(nn.Module):
@@ -42,3 +42,19 @@ class ConvModule(nn.Module):
         if self.activate is not None:
             out = self.activate(out)
         return out
+
+
+def init_kaiming(module: nn.Module) -> None:
+    """He-normal (fan_in, ReLU gain) conv weights, zero conv biases, unit BN, in place.
+
+    Random-weight zoo models use it so activations keep their scale through deep stacks of
+    convs (PyTorch's default init shrinks them layer by layer).
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
