@@ -204,7 +204,7 @@ def test_view_transform_is_differentiable_and_checks_shapes() -> None:
     x = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0]])
     valid = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]])
     volume = view_transform(feat, x, x, valid, (2, 2, 1))
-    volume.sum().backward()
+    torch.autograd.backward(volume.sum())
     assert feat.grad is not None
     assert float(feat.grad.abs().sum()) == 3 * 3  # three voxels filled, three channels
     with pytest.raises(HarnessError, match="'y'"):
@@ -307,6 +307,8 @@ def _reference_rows(
 ) -> list[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor, int]]:
     cfg = model.config
     head = model.bbox_head
+    assert head.conv_cls.bias is not None and head.conv_reg.bias is not None
+    assert head.conv_dir_cls.bias is not None
     num_sizes, num_rots = len(cfg.anchor_sizes), len(cfg.anchor_rotations)
     rows: list[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor, int]] = []
     for yi in range(20):
@@ -440,7 +442,8 @@ def test_bev_iou_against_point_sampling() -> None:
         rel = grid - b[:2]
         along = rel @ np.array([math.cos(b[4]), math.sin(b[4])])
         across = rel @ np.array([-math.sin(b[4]), math.cos(b[4])])
-        return (np.abs(along) <= b[3] / 2) & (np.abs(across) <= b[2] / 2)
+        mask: np.ndarray = (np.abs(along) <= b[3] / 2) & (np.abs(across) <= b[2] / 2)
+        return mask
 
     ref_in = inside(ref)
     sampled = [np.sum(ref_in & inside(b)) / np.sum(ref_in | inside(b)) for b in boxes]
@@ -572,7 +575,7 @@ def test_loss_finite_and_decreasing() -> None:
         assert all(torch.isfinite(v) for v in losses.values())
         assert float(losses["loss_bbox"].detach()) > 0 and float(losses["loss_dir"].detach()) > 0
         optimizer.zero_grad()
-        losses["loss"].backward()
+        torch.autograd.backward(losses["loss"])
         assert model.backbone.conv1.weight.grad is not None
         assert float(model.backbone.conv1.weight.grad.abs().sum()) > 0  # through the gather
         optimizer.step()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -108,13 +108,13 @@ def test_bad_arguments() -> None:
         ResNet(18, out_indices=(4,))
 
 
-def test_onnx_export_matches_onnxruntime() -> None:
+def test_onnx_export_matches_onnxruntime(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = resnet50(out_indices=(1, 2, 3), base_channels=8).eval()
     x = torch.randn(2, 3, 64, 64)
-    buf = io.BytesIO()
-    torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["img"])
-    session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+    path = tmp_path / "resnet50.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["img"])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"img": x.numpy()})
     with torch.no_grad():
         want = model(x)
