@@ -526,6 +526,15 @@ def test_direction_class_recovers_heading(seed: int) -> None:
     np.testing.assert_allclose(diff, 0.0, atol=1e-9)
 
 
+def test_nms_config_validates() -> None:
+    with pytest.raises(HarnessError, match="differ in length"):
+        NMSConfig(nms_thr=(0.2,) * 9)
+    with pytest.raises(HarnessError, match="nms_type 'square'"):
+        NMSConfig(nms_type=("square",) * 10)
+    with pytest.raises(HarnessError, match="nms_thr must be positive"):
+        NMSConfig(nms_thr=(0.0,) * 10)
+
+
 def test_postprocess_rejects_bad_shapes() -> None:
     with pytest.raises(HarnessError, match="postprocess"):
         postprocess(np.zeros((4, 10)), np.zeros((4, 7)), np.zeros(4))

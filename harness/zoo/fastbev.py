@@ -227,6 +227,11 @@ class NMSConfig:
         bad = [t for t in self.nms_type if t not in ("rotate", "circle")]
         if bad:
             raise HarnessError(f"NMSConfig: nms_type {bad[0]!r} is not 'rotate' or 'circle'")
+        for name in ("nms_thr", "nms_radius_thr", "nms_rescale_factor"):
+            if min(getattr(self, name)) <= 0:
+                raise HarnessError(
+                    f"NMSConfig: every {name} must be positive, got {getattr(self, name)}"
+                )
 
 
 @dataclass(frozen=True)
