@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -558,6 +559,29 @@ def random_gt(seed: int, count: int = 6) -> GTBoxes:
         velocity=torch.randn(count, 2, generator=gen),
         labels=torch.randint(0, 10, (count,), generator=gen),
     )
+
+
+def test_gt_boxes_from_records() -> None:
+    @dataclass(frozen=True)
+    class Record:
+        label: str
+        center: tuple[float, float, float]
+        size: tuple[float, float, float]
+        yaw: float
+        velocity: tuple[float, float]
+
+    gt = GTBoxes.from_boxes(
+        [
+            Record("bus", (1, 2, -0.5), (2.5, 11, 3), 0.5, (1, 0)),
+            Record("barrier", (3, 4, -1), (2, 0.5, 1), 0, (0, 0)),
+        ]
+    )
+    assert gt.labels.tolist() == [2, 9]
+    torch.testing.assert_close(gt.to_tensor()[0], torch.tensor([1, 2, -2.0, 2.5, 11, 3, 0.5, 1, 0]))
+    empty = GTBoxes.from_boxes([])
+    assert empty.labels.shape == (0,) and empty.center.shape == (0, 3)
+    with pytest.raises(HarnessError, match="'tram'"):
+        GTBoxes.from_boxes([Record("tram", (0, 0, 0), (1, 1, 1), 0, (0, 0))])
 
 
 def test_gt_boxes_validate() -> None:

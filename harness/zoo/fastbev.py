@@ -583,6 +583,28 @@ class GTBoxes:
         if m > 0 and bool((self.size <= 0).any()):
             raise HarnessError("GTBoxes.size: every size must be positive")
 
+    @classmethod
+    def from_boxes(cls, boxes: Sequence[Any], classes: Sequence[str] = CLASSES) -> GTBoxes:
+        """From box records with attributes `label` (class name), `center`, `size` (w, l, h),
+        `yaw` and `velocity` (e.g. `harness.datasets.scene3d.Box3D`)."""
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted({b.label for b in boxes if b.label not in index})
+        if unknown:
+            raise HarnessError(
+                f"GTBoxes.from_boxes: unknown class name(s) {unknown}; known: {list(classes)}"
+            )
+
+        def column(values: list[Any], width: int) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32).reshape(-1, width)
+
+        return cls(
+            center=column([list(b.center) for b in boxes], 3),
+            size=column([list(b.size) for b in boxes], 3),
+            yaw=column([float(b.yaw) for b in boxes], 1).reshape(-1),
+            velocity=column([list(b.velocity) for b in boxes], 2),
+            labels=torch.tensor([index[b.label] for b in boxes], dtype=torch.int64),
+        )
+
     def to_tensor(self) -> torch.Tensor:
         """Bottom-z boxes [M, 9] in the anchors' layout (float32)."""
         center = self.center.to(torch.float32)
