@@ -10,4 +10,6 @@ PYTHON=${PYTHON:-python3}
 # The CPU wheel first: a bare "torch" requirement would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+# TensorRT's type stubs for mypy only (extracted into typings/, never installed: see the tool).
+.venv/bin/python tools/trt_typings.py
 echo "qharness set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
