@@ -405,6 +405,8 @@ def json_schema() -> dict[str, Any]:
     schema = CaseSpec.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "qharness case"
+    golden = schema["properties"]["golden"]
+    schema["properties"]["golden"] = {"anyOf": [golden, {"type": "string", "description": "shorthand for {dir: ...}"}]}
     backends = schema["properties"]["backends"]
     backends["propertyNames"] = {"enum": list(known_backends())}
     return schema
