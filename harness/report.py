@@ -116,12 +116,23 @@ def write_reports(records: Sequence[Record], out_dir: Path) -> list[Path]:
         "schema_version": SCHEMA_VERSION,
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": environment(),
-        "records": [r.to_dict() for r in records],
+        "records": [_json_safe(r.to_dict()) for r in records],
     }
     json_path, md_path = out_dir / "report.json", out_dir / "report.md"
     write_json_atomic(json_path, data)
     write_text_atomic(md_path, markdown(records, out_dir))
     return [md_path, json_path]
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with NaN / Inf floats as the strings "nan" / "inf" / "-inf" (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def markdown(records: Sequence[Record], out_dir: Path) -> str:
