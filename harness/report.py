@@ -101,7 +101,11 @@ def _finite(x: Any) -> bool:
 
 def summary_table(records: Iterable[Record], tablefmt: str = "simple") -> str:
     """The end-of-run table: one row per case x backend."""
-    return tabulate(summary_rows(records), headers=HEADERS, tablefmt=tablefmt, disable_numparse=True)
+    rows, headers = summary_rows(records), HEADERS
+    if tablefmt == "github":  # a bare "|" inside a cell would split it into two columns
+        rows = [[cell.replace("|", "\\|") for cell in row] for row in rows]
+        headers = [h.replace("|", "\\|") for h in headers]
+    return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
 def environment() -> dict[str, Any]:
