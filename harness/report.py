@@ -34,8 +34,8 @@ def _status(records: Sequence[Record]) -> str:
     if "failed" in verdicts:
         return "FAILED"
     if verdicts == {"skipped"}:
-        reason = next(r.reason for r in records if r.reason)
-        return f"skipped: {reason[:60]}"
+        reason = next((r.reason for r in records if r.reason), "")
+        return f"skipped: {reason[:60]}" if reason else "skipped"
     return "passed"
 
 
