@@ -154,6 +154,8 @@ def test_markdown(tmp_path: Path, records: list[Record]) -> None:
 def test_skipped_only_and_empty() -> None:
     rows = summary_rows([Record(case="c", backend="trt-fp16", item="golden", verdict="skipped", reason="no GPU")])
     assert row_dict(rows[0])["status"] == "skipped: no GPU"
+    no_reason = summary_rows([Record(case="c", backend="trt-fp16", item="golden", verdict="skipped")])
+    assert row_dict(no_reason[0])["status"] == "skipped"
     assert summary_rows([]) == []
     assert summary_table([]).splitlines()[0].split() == [h for header in HEADERS for h in header.split()]
 
