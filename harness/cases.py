@@ -294,6 +294,12 @@ def load_case(path: str | Path, *, root: Path | None = None, profile: str = DEFA
         # Keys the profile sets are reported at their line inside `profiles:`.
         prefix = ("profiles", profile)
         lines = {**lines, **{k[2:]: ln for k, ln in lines.items() if k[:2] == prefix and len(k) > 2}}
+    backends = data.get("backends")
+    if isinstance(backends, dict):
+        for name in backends:
+            if name not in known_backends():
+                raise CaseError(path, f"unknown backend '{name}'; known backends: {', '.join(known_backends())}",
+                                line=lines.get(("backends", str(name))), key=f"backends.{name}")
     try:
         spec = CaseSpec.model_validate(data)
     except ValidationError as exc:

@@ -190,6 +190,10 @@ class CaseRun:
         """Stage names in declaration order ("model" for single-stage cases)."""
         return tuple(self.program(self._float_model).stages)
 
+    def stage_is_dynamic(self, stage: str) -> bool:
+        """True when dim 0 of the stage's inputs is a free batch dimension."""
+        return self.program(self._float_model).stages[stage].dynamic_batch
+
     # -- reference and golden --------------------------------------------------------------
 
     @functools.cached_property
