@@ -268,11 +268,18 @@ def test_missing_checkpoint(root: Path) -> None:
 def test_unknown_backend_lists_known_ones(root: Path) -> None:
     text = BASE.replace("  ort-fp32:", "  ort-fp64:")
     err = case_error(root, text)
-    assert err.key == "backends"
-    assert err.line == line_of(text, "backends:")
+    assert err.key == "backends.ort-fp64"
+    assert err.line == line_of(text, "ort-fp64:")
     assert "unknown backend 'ort-fp64'" in err.detail
     for name in known_backends():
         assert name in err.detail
+
+
+def test_unknown_backend_added_by_a_profile(root: Path) -> None:
+    text = BASE.replace("        compare: {atol: 1.0e-3}", "        compare: {atol: 1.0e-3}\n      trt-fp64: {}")
+    assert load_case(write_case(root, text)).name == "tiny"
+    err = case_error(root, text, profile="fast")
+    assert (err.key, err.line) == ("backends.trt-fp64", line_of(text, "trt-fp64"))
 
 
 def test_empty_backends(root: Path) -> None:

@@ -21,7 +21,7 @@ from harness.compare import (
     snr_db,
 )
 
-SETTINGS = settings(max_examples=80, deadline=None)
+SETTINGS = settings(max_examples=50, deadline=None)
 
 shapes = hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=5)
 finite32 = st.floats(-1e4, 1e4, width=32, allow_nan=False, allow_infinity=False)

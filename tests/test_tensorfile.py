@@ -23,7 +23,7 @@ ALL_CODES = dict(tensorfile.CODE_TO_DTYPE)
 NV_PY_CODES = {code: dt for code, dt in ALL_CODES.items() if code <= 8}
 
 SETTINGS = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
 
