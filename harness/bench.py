@@ -84,13 +84,12 @@ def time_calls(benchmark: Any, calls: list[Callable[[], None]], *, rounds: int, 
     the record says so instead of carrying figures.
     """
     cycle = itertools.cycle(calls)
+    current = calls[0]
 
     def setup() -> tuple[tuple[()], dict[str, Any]]:
         nonlocal current
         current = next(cycle)
         return (), {}
-
-    current = calls[0]
 
     def target() -> None:
         current()

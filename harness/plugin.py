@@ -7,9 +7,10 @@ Items are `<case file>::<case>[<backend>]::<kind>` with kinds `golden` (one per 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,10 +134,8 @@ class CaseFile(pytest.File):
         """Case errors are shown as their message (file, line, key), without a traceback."""
         if isinstance(excinfo.value, CaseError):
             shown = self.config.rootpath / excinfo.value.path
-            try:
+            with contextlib.suppress(ValueError):
                 shown = shown.resolve().relative_to(self.config.rootpath.resolve())
-            except ValueError:
-                pass
             return f"invalid case file: {excinfo.value.render(shown)}"
         return str(super().repr_failure(excinfo))
 
@@ -162,7 +161,7 @@ class BackendNode(pytest.Collector):
             name = "benchmark" if stages == ("model",) else f"benchmark[{stage}]"
             yield self._benchmark_item(name, stage)
 
-    def _benchmark_item(self, name: str, stage: str) -> pytest.Function:
+    def _benchmark_item(self, name: str, stage: str) -> BenchmarkItem:
         """A Function item so that pytest-benchmark's `benchmark` fixture (and its options) apply."""
         run, backend = self.run, self.backend
 
@@ -178,8 +177,7 @@ class BackendNode(pytest.Collector):
 
             item.qharness_record = measure(run, backend, stage, benchmark)
 
-        item = pytest.Function.from_parent(self, name=name, callobj=benchmark_stage)
-        item.qharness_record = None
+        item: BenchmarkItem = BenchmarkItem.from_parent(self, name=name, callobj=benchmark_stage)
         item.add_marker(pytest.mark.qharness)
         item.add_marker(pytest.mark.benchmark)
         return item
@@ -187,6 +185,12 @@ class BackendNode(pytest.Collector):
     def teardown(self) -> None:
         """Free the backend's sessions / engines once its items are done."""
         self.run.release(self.backend)
+
+
+class BenchmarkItem(pytest.Function):
+    """A benchmark of one stage: a Function item so the `benchmark` fixture is available."""
+
+    qharness_record: Record | None = None
 
 
 class CaseItem(pytest.Item):
@@ -252,11 +256,12 @@ class ReportingPlugin:
     def __init__(self, state: HarnessState):
         self.state = state
 
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         """Attach the item's record to the report (so it also travels from xdist workers)."""
-        outcome = yield
-        report: pytest.TestReport = outcome.get_result()
+        report = yield
         record = getattr(item, "qharness_record", None)
         if call.when == "call" and record is not None:
             record.nodeid = item.nodeid
@@ -266,12 +271,13 @@ class ReportingPlugin:
             if report.skipped:
                 record.verdict = "skipped"
             report.user_properties.append((_RECORD_KEY, json.dumps(record.to_dict(), default=str)))
+        return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Collect records (in the controller process when running under xdist)."""
         for key, value in report.user_properties:
             if key == _RECORD_KEY:
-                self.state.records.append(Record.from_dict(json.loads(value)))
+                self.state.records.append(Record.from_dict(json.loads(str(value))))
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
         """Print the summary table and write report files (controller only)."""

@@ -27,7 +27,7 @@ from harness.cache import Cache, content_key, file_sha256
 from harness.cases import DEFAULT_PROFILE, Case, CompareSpec
 from harness.compare import CompareResult, Tolerance, compare, failure_table
 from harness.environment import library_versions
-from harness.errors import BackendUnavailable, CaseError, GoldenError, HarnessError, MetricError
+from harness.errors import BackendUnavailable, GoldenError, HarnessError, MetricError
 from harness.factory import FactoryError, resolve
 from harness.golden import GoldenStore
 from harness.program import Program

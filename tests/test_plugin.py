@@ -107,21 +107,21 @@ def test_unknown_backend_is_a_usage_error_listing_known_ones(project: pytest.Pyt
 
 
 def test_missing_golden_fails_with_the_regeneration_command(project: pytest.Pytester) -> None:
-    result = project.runpytest("cases/", "--backend", "torch-fp32")
+    result = project.runpytest("cases/", "--backend", "torch-fp32", "-m", "golden")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*golden files are missing*", "*Generate them with: pytest cases/tiny.yaml --update-golden*"])
     assert not (project.path / "golden").exists()
 
 
 def test_update_golden_then_compare_passes_and_skips_say_why(project: pytest.Pytester) -> None:
-    result = project.runpytest("cases/", "--update-golden")
+    result = project.runpytest("cases/", "--update-golden", "-m", "golden")
     result.assert_outcomes(passed=2, skipped=2)
     meta = json.loads((project.path / "golden/tiny/meta.json").read_text())
     assert meta["created_by"] == "pytest cases/tiny.yaml --update-golden"
     assert set(meta["files"]) == {"inputs/input.tensor", "outputs/output.tensor"}
     assert sorted(p.name for p in (project.path / "golden/tiny").iterdir()) == ["inputs", "meta.json", "outputs"]
 
-    result = project.runpytest("cases/", "-rs")
+    result = project.runpytest("cases/", "-rs", "-m", "golden")
     result.assert_outcomes(passed=2, skipped=2)
     if not torch.cuda.is_available():
         result.stdout.fnmatch_lines(["*SKIPPED*torch-fp16 needs a CUDA device: no CUDA device*"])
@@ -140,7 +140,7 @@ def test_stale_golden_is_reported_with_the_command(project: pytest.Pytester) -> 
     project.runpytest("cases/", "--update-golden", "--backend", "torch-fp32")
     case = project.path / "cases/tiny.yaml"
     case.write_text(case.read_text().replace("width: 8", "width: 6"))
-    result = project.runpytest("cases/", "--backend", "torch-fp32")
+    result = project.runpytest("cases/", "--backend", "torch-fp32", "-m", "golden")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*golden files in*are stale*case config hash*", "*Regenerate with: pytest cases/tiny.yaml --update-golden*"])
 
@@ -148,7 +148,7 @@ def test_stale_golden_is_reported_with_the_command(project: pytest.Pytester) -> 
 def test_nan_output_fails_naming_the_tensor(project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     project.runpytest("cases/", "--update-golden", "--backend", "torch-fp32")
     monkeypatch.setenv("TINY_POISON", "nan")
-    result = project.runpytest("cases/", "--backend", "torch-fp32,ort-fp32")
+    result = project.runpytest("cases/", "--backend", "torch-fp32,ort-fp32", "-m", "golden")
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(["*output: actual has 1 NaN and 0 Inf values*"])
 
@@ -156,7 +156,7 @@ def test_nan_output_fails_naming_the_tensor(project: pytest.Pytester, monkeypatc
 def test_tolerance_failure_shows_a_compact_table(project: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
     project.runpytest("cases/", "--update-golden", "--backend", "torch-fp32")
     monkeypatch.setenv("TINY_POISON", "shift")
-    result = project.runpytest("cases/", "--backend", "torch-fp32")
+    result = project.runpytest("cases/", "--backend", "torch-fp32", "-m", "golden")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
         "*tiny[[]torch-fp32[]] stage 'model': 1 of 1 outputs outside tolerance*",
@@ -168,8 +168,8 @@ def test_tolerance_failure_shows_a_compact_table(project: pytest.Pytester, monke
 
 def test_report_dir_writes_markdown_and_json(project: pytest.Pytester) -> None:
     project.runpytest("cases/", "--update-golden", "--backend", "torch-fp32")
-    result = project.runpytest("cases/", "--report-dir", "reports")
-    result.assert_outcomes(passed=2, skipped=2)
+    result = project.runpytest("cases/", "--report-dir", "reports", "--benchmark-disable")
+    result.assert_outcomes(passed=4, skipped=4)
     data = json.loads((project.path / "reports/report.json").read_text())
     assert data["schema_version"] == 1
     records = data["records"]
@@ -178,7 +178,7 @@ def test_report_dir_writes_markdown_and_json(project: pytest.Pytester) -> None:
         assert {"case", "backend", "item", "verdict"} <= set(r)
         if r["verdict"] == "skipped":
             assert r["reason"]
-        if r["backend"] == "ort-fp32":
+        if r["backend"] == "ort-fp32" and r["item"] == "golden":
             stats = r["compare"]["output"]["stats"]
             assert stats["cosine"] > 0.9999 and "onnx:model" in r["artifacts"]
     assert "# qharness report" in (project.path / "reports/report.md").read_text()
@@ -217,10 +217,10 @@ def test_yaml_files_outside_case_folders_are_ignored(project: pytest.Pytester) -
 def test_xdist_workers_report_to_the_controller(project: pytest.Pytester) -> None:
     project.runpytest("cases/", "--update-golden", "--backend", "torch-fp32")
     result = project.runpytest_subprocess("cases/", "-n", "2", "--report-dir", "reports", "-p", "xdist")
-    result.assert_outcomes(passed=2, skipped=2)
+    result.assert_outcomes(passed=4, skipped=4)
     result.stdout.fnmatch_lines(["*qharness summary*"])
     records = json.loads(Path(project.path / "reports/report.json").read_text())["records"]
-    assert len(records) == 4
+    assert len(records) == 8
 
 
 def test_case_file_help_mentions_options(project: pytest.Pytester) -> None:
@@ -228,3 +228,20 @@ def test_case_file_help_mentions_options(project: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*--backend=NAME*", "*--update-golden*", "*--report-dir=DIR*", "*--qharness-cache=DIR*"])
 
 
+
+
+def test_benchmark_items_time_each_backend_through_pytest_benchmark(project: pytest.Pytester) -> None:
+    project.runpytest("cases/", "--update-golden", "--backend", "torch-fp32", "-m", "golden")
+    result = project.runpytest("cases/", "-m", "benchmark", "--backend", "torch-fp32,ort-fp32",
+                               "--benchmark-json", "bench.json", "--report-dir", "reports")
+    result.assert_outcomes(passed=2)
+    bench = json.loads((project.path / "bench.json").read_text())["benchmarks"]
+    assert sorted(b["name"] for b in bench) == ["tiny[ort-fp32]::model", "tiny[torch-fp32]::model"]
+    for b in bench:
+        extra = b["extra_info"]
+        assert extra["backend"] in ("torch-fp32", "ort-fp32") and extra["cpu_flags"] is not None
+        assert extra["p99_ms"] >= extra["p90_ms"] > 0 and "torch" in extra["versions"]
+    records = json.loads((project.path / "reports/report.json").read_text())["records"]
+    timing = {r["backend"]: r["timing"] for r in records}
+    assert timing["ort-fp32"]["rounds"] == 50 and timing["ort-fp32"]["median_ms"] > 0
+    result.stdout.fnmatch_lines(["*tiny*torch-fp32*passed*1.00x*"])
