@@ -26,6 +26,14 @@ import numpy as np
 from harness.metrics import nds
 
 Boxes = dict[str, list[dict[str, Any]]]
+# DetectionEval.evaluate's per-class NaN rules.
+NAN_TP = {
+    ("traffic_cone", "attr_err"),
+    ("traffic_cone", "vel_err"),
+    ("traffic_cone", "orient_err"),
+    ("barrier", "attr_err"),
+    ("barrier", "vel_err"),
+}
 
 
 def random_case(rng: np.random.Generator) -> tuple[Boxes, Boxes, list[str] | None, bool]:
@@ -58,8 +66,10 @@ def random_case(rng: np.random.Generator) -> tuple[Boxes, Boxes, list[str] | Non
                 guess = _box(rng, label, [center[0] + jitter[0], center[1] + jitter[1], center[2]])
                 pred_boxes.append(guess)
         for _ in range(int(rng.integers(0, 5))):
-            pred_boxes.append(_box(rng, str(rng.choice(present)), _position(rng, grid, 60.0 if far else 12.0)))
-        rng.shuffle(pred_boxes)  # type: ignore[arg-type]
+            pred_boxes.append(
+                _box(rng, str(rng.choice(present)), _position(rng, grid, 60.0 if far else 12.0))
+            )
+        rng.shuffle(pred_boxes)
         for box in pred_boxes:
             box["score"] = float(rng.integers(1, 5) / 4) if score_levels else float(rng.random())
         gt[token] = gt_boxes
@@ -77,7 +87,9 @@ def _position(rng: np.random.Generator, grid: bool, scale: float) -> list[float]
 
 def _box(rng: np.random.Generator, label: str, center: list[float]) -> dict[str, Any]:
     attrs = ("", *nds.CLASS_ATTRIBUTES[label])
-    velocity = [math.nan, math.nan] if rng.random() < 0.15 else [float(v) for v in rng.normal(size=2)]
+    velocity = (
+        [math.nan, math.nan] if rng.random() < 0.15 else [float(v) for v in rng.normal(size=2)]
+    )
     return {
         "label": label,
         "center": center,
@@ -92,20 +104,26 @@ def snap_yaws(boxes: Mapping[str, Sequence[Mapping[str, Any]]]) -> Boxes:
     """Copies of the boxes with a devkit ``rotation`` quaternion and the yaw the devkit reads
     back from it, so that both sides compute with the same yaw."""
     from nuscenes.eval.common.utils import quaternion_yaw
-    from pyquaternion import Quaternion
 
     snapped: Boxes = {}
     for token, bs in boxes.items():
         snapped[token] = []
         for b in bs:
-            rotation = tuple(_quaternion(Quaternion, b["yaw"]).elements)
-            yaw = float(quaternion_yaw(Quaternion(rotation)))
+            rotation = _rotation(b["yaw"])
+            yaw = float(quaternion_yaw(_quaternion_cls()(rotation)))
             snapped[token].append({**b, "rotation": rotation, "yaw": yaw})
     return snapped
 
 
-def _quaternion(quaternion_cls: Any, yaw: float) -> Any:
-    return quaternion_cls(axis=[0.0, 0.0, 1.0], radians=yaw)
+def _quaternion_cls() -> Any:
+    from pyquaternion import Quaternion  # type: ignore[import-not-found]
+
+    return Quaternion
+
+
+def _rotation(yaw: float) -> tuple[float, float, float, float]:
+    """The (w, x, y, z) quaternion of a rotation by yaw about z, as users of the devkit build it."""
+    return tuple(_quaternion_cls()(axis=[0.0, 0.0, 1.0], radians=yaw).elements)
 
 
 def to_devkit_boxes(
@@ -115,7 +133,6 @@ def to_devkit_boxes(
     a box's ``rotation`` quaternion (from ``snap_yaws``) is used as is, else its yaw's."""
     from nuscenes.eval.common.data_classes import EvalBoxes
     from nuscenes.eval.detection.data_classes import DetectionBox
-    from pyquaternion import Quaternion
 
     def make(token: str, b: Mapping[str, Any], is_pred: bool) -> Any:
         translation = tuple(float(v) for v in b["center"])
@@ -123,7 +140,7 @@ def to_devkit_boxes(
             sample_token=token,
             translation=translation,
             size=tuple(float(v) for v in b["size"]),
-            rotation=b.get("rotation") or tuple(_quaternion(Quaternion, b["yaw"]).elements),
+            rotation=b.get("rotation") or _rotation(b["yaw"]),
             velocity=tuple(float(v) for v in b["velocity"]),
             ego_translation=translation,
             num_pts=-1 if is_pred else int(b.get("num_pts", 1)),
@@ -148,7 +165,7 @@ def devkit_filter(boxes: Any, filter_range: bool) -> Any:
         kept = boxes[token]
         if filter_range:
             kept = [b for b in kept if b.ego_dist < class_range[b.detection_name]]
-        boxes.boxes[token] = [b for b in kept if not b.num_pts == 0]
+        boxes.boxes[token] = [b for b in kept if b.num_pts != 0]
     return boxes
 
 
@@ -176,9 +193,7 @@ def devkit_metrics(gt_boxes: Any, pred_boxes: Any, classes: Sequence[str]) -> di
             "AP_per_threshold": aps,
         }
         for metric in nds.TP_METRICS:
-            if name == "traffic_cone" and metric in ("attr_err", "vel_err", "orient_err"):
-                tp = math.nan
-            elif name == "barrier" and metric in ("attr_err", "vel_err"):
+            if (name, metric) in NAN_TP:
                 tp = math.nan
             else:
                 tp = calc_tp(mds[cfg.dist_th_tp], cfg.min_recall, metric)
@@ -259,8 +274,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
     diff, where = crosscheck(args.cases, args.seed)
-    print(f"{args.cases} random cases, seed {args.seed}: max abs difference {diff:.3g} "
-          f"({where or 'everywhere equal'}) in {time.perf_counter() - start:.1f} s")
+    print(
+        f"{args.cases} random cases, seed {args.seed}: max abs difference {diff:.3g} "
+        f"({where or 'everywhere equal'}) in {time.perf_counter() - start:.1f} s"
+    )
     return 0 if diff <= 1e-6 else 1
 
 

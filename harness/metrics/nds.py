@@ -124,6 +124,7 @@ _ATTR_ALLOWED = np.array(
 )
 _RANGE = np.array([CLASS_RANGES[c] for c in DETECTION_CLASSES])
 _PAIR_BLOCK = 1 << 21  # (prediction, ground truth) pairs whose distances are computed at once
+_X_CLAMP = 1e6  # metres; keeps x buckets in int64 range for absurd but finite centres
 
 FloatArray = NDArray[np.float64]
 IntArray = NDArray[np.intp]
@@ -267,7 +268,9 @@ def _check_tokens(
     """The sample tokens in prediction order; both sides must hold the same samples."""
     for side, boxes in (("gt", gt), ("pred", pred)):
         if not isinstance(boxes, Mapping):
-            raise MetricError(f"{side} must map sample tokens to box lists, got {type(boxes).__name__}")
+            raise MetricError(
+                f"{side} must map sample tokens to box lists, got {type(boxes).__name__}"
+            )
     missing_pred = [t for t in gt if t not in pred]
     missing_gt = [t for t in pred if t not in gt]
     problems = []
@@ -275,7 +278,9 @@ def _check_tokens(
         if missing:
             shown = ", ".join(repr(t) for t in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-            problems.append(f"{len(missing)} sample(s) of {other} missing from {side}: {shown}{more}")
+            problems.append(
+                f"{len(missing)} sample(s) of {other} missing from {side}: {shown}{more}"
+            )
     if problems:
         raise MetricError("gt and pred must hold the same samples: " + "; ".join(problems))
     if not pred:
@@ -284,14 +289,19 @@ def _check_tokens(
 
 
 def _parse(
-    side: str, boxes_by_sample: Mapping[str, Sequence[Mapping[str, Any]]], tokens: tuple[str, ...],
-    *, is_pred: bool,
+    side: str,
+    boxes_by_sample: Mapping[str, Sequence[Mapping[str, Any]]],
+    tokens: tuple[str, ...],
+    *,
+    is_pred: bool,
 ) -> _Boxes:
     """Flatten one side into arrays; invalid boxes raise ``MetricError`` naming sample and box."""
     per_sample = [boxes_by_sample[t] for t in tokens]
     for token, boxes in zip(tokens, per_sample, strict=True):
         if not isinstance(boxes, Sequence) or isinstance(boxes, str):
-            raise MetricError(f"{side} sample {token!r}: boxes must be a list, got {type(boxes).__name__}")
+            raise MetricError(
+                f"{side} sample {token!r}: boxes must be a list, got {type(boxes).__name__}"
+            )
         if is_pred and len(boxes) > MAX_BOXES_PER_SAMPLE:
             raise MetricError(
                 f"pred sample {token!r}: {len(boxes)} predictions, at most "
@@ -313,7 +323,9 @@ def _parse(
 
     try:
         label = np.fromiter(map(_CLASS_INDEX.__getitem__, [b["label"] for b in flat]), np.intp, n)
-        attribute = np.fromiter(map(_ATTR_INDEX.__getitem__, [b["attribute"] for b in flat]), np.intp, n)
+        attribute = np.fromiter(
+            map(_ATTR_INDEX.__getitem__, [b["attribute"] for b in flat]), np.intp, n
+        )
         center = _float_rows([b["center"] for b in flat], 3)
         size = _float_rows([b["size"] for b in flat], 3)
         velocity = _float_rows([b["velocity"] for b in flat], 2)
@@ -354,13 +366,12 @@ def _parse(
 
 
 def _float_rows(values: list[Any], width: int) -> FloatArray:
-    """Stack per-box vectors into an (n, width) float64 array (ValueError on other shapes)."""
-    rows = np.array(values, dtype=np.float64)
-    if rows.size == 0:
-        return rows.reshape(0, width)
-    if rows.ndim != 2 or rows.shape[1] != width:
+    """Stack per-box vectors into an (n, width) float64 array (ValueError on other lengths)."""
+    n = len(values)
+    if not (np.fromiter(map(len, values), np.intp, n) == width).all():
         raise ValueError(f"expected rows of {width} values")
-    return rows
+    flat = np.fromiter(itertools.chain.from_iterable(values), np.float64, n * width)
+    return flat.reshape(n, width)
 
 
 def _float_column(values: list[Any]) -> FloatArray:
@@ -436,28 +447,38 @@ def _norm2(v: FloatArray) -> FloatArray:
 class _Matching:
     """Greedy matching of every evaluated prediction at every distance threshold.
 
-    ``pair_gt`` / ``pair_dist`` list the candidate (prediction, ground truth) pairs closer than
-    the largest threshold; ``matched[t, p]`` is the pair that prediction ``p`` matched at
-    threshold ``t``, or -1.
+    ``orders[c]`` is class ``c``'s devkit processing order; ``pair_gt`` / ``pair_dist`` list
+    the candidate (prediction, ground truth) pairs closer than the largest threshold;
+    ``matched[t, p]`` is the pair that prediction ``p`` matched at threshold ``t``, or -1.
     """
 
+    orders: list[IntArray]
     pair_gt: IntArray
     pair_dist: FloatArray
     matched: IntArray
 
     @classmethod
     def run(
-        cls, gt: _Boxes, pred: _Boxes, gt_keep: NDArray[np.bool_], pred_keep: NDArray[np.bool_],
+        cls,
+        gt: _Boxes,
+        pred: _Boxes,
+        gt_keep: NDArray[np.bool_],
+        pred_keep: NDArray[np.bool_],
         n_samples: int,
     ) -> _Matching:
-        pair_pred, pair_gt, pair_dist = _candidate_pairs(gt, pred, gt_keep, pred_keep, n_samples)
         n_pred = len(pred.label)
+        orders = _processing_orders(pred, pred_keep)
+        priority = np.zeros(n_pred, dtype=np.intp)
+        for order in orders:
+            priority[order] = np.arange(len(order))
+
+        pair_pred, pair_gt, pair_dist = _candidate_pairs(gt, pred, gt_keep, pred_keep, n_samples)
         # Sort the pairs by (prediction, distance, ground-truth index): for every prediction and
         # threshold the candidates form a prefix of its segment, nearest (then first listed) first.
-        order = np.lexsort((pair_gt, pair_dist, pair_pred))
-        pair_pred, pair_gt, pair_dist = pair_pred[order], pair_gt[order], pair_dist[order]
-        seg_start = np.searchsorted(pair_pred, np.arange(n_pred))
-        priority = _priorities(pred, pred_keep)
+        by_pair = np.lexsort((pair_gt, pair_dist, pair_pred))
+        pair_pred, pair_gt, pair_dist = pair_pred[by_pair], pair_gt[by_pair], pair_dist[by_pair]
+        seg_len = np.bincount(pair_pred, minlength=n_pred)
+        seg_start = np.cumsum(seg_len) - seg_len
 
         part_t, part_p, part_len = [], [], []
         for t, th in enumerate(DIST_THRESHOLDS):
@@ -471,7 +492,9 @@ class _Matching:
         len_all = np.concatenate(part_len).astype(np.intp)
 
         # Rank of each participant inside its (threshold, class, sample) group, by priority.
-        group = (t_all * len(DETECTION_CLASSES) + pred.label[p_all]) * n_samples + pred.sample[p_all]
+        group = (t_all * len(DETECTION_CLASSES) + pred.label[p_all]) * n_samples + pred.sample[
+            p_all
+        ]
         by_group = np.lexsort((priority[p_all], group))
         g_sorted = group[by_group]
         pos = np.arange(len(by_group))
@@ -484,24 +507,53 @@ class _Matching:
         matched = np.full((len(DIST_THRESHOLDS), n_pred), -1, dtype=np.intp)
         if len(rank):
             _lockstep(rank, t_all, p_all, len_all, seg_start, pair_gt, len(gt.label), matched)
-        return cls(pair_gt=pair_gt, pair_dist=pair_dist, matched=matched)
+        return cls(orders=orders, pair_gt=pair_gt, pair_dist=pair_dist, matched=matched)
+
+
+def _processing_orders(pred: _Boxes, pred_keep: NDArray[np.bool_]) -> list[IntArray]:
+    """Per class, the devkit's ``sorted((score, index))[::-1]``: kept predictions by descending
+    score, ties by descending flattened index."""
+    idx = np.flatnonzero(pred_keep)
+    # lexsort is stable and idx ascending: by class, then ascending (score, index).
+    ascending = idx[np.lexsort((pred.score[idx], pred.label[idx]))]
+    bounds = np.searchsorted(pred.label[ascending], np.arange(len(DETECTION_CLASSES) + 1))
+    return [ascending[a:b][::-1] for a, b in itertools.pairwise(bounds.tolist())]
 
 
 def _candidate_pairs(
-    gt: _Boxes, pred: _Boxes, gt_keep: NDArray[np.bool_], pred_keep: NDArray[np.bool_],
+    gt: _Boxes,
+    pred: _Boxes,
+    gt_keep: NDArray[np.bool_],
+    pred_keep: NDArray[np.bool_],
     n_samples: int,
 ) -> tuple[IntArray, IntArray, FloatArray]:
     """All (prediction, ground truth) pairs of one class and sample closer than the largest
-    threshold, with their xy centre distance computed as the devkit's ``center_distance``."""
+    threshold, with their xy centre distance computed as the devkit's ``center_distance``.
+
+    Ground truth is bucketed by ``floor(x / max_th)`` inside each (class, sample) group, so a
+    prediction only looks at its own and the two neighbouring buckets: any pair closer than
+    ``max_th`` has ``|dx| < max_th`` and thus buckets at most one apart.
+    """
     max_th = max(DIST_THRESHOLDS)
     gt_idx = np.flatnonzero(gt_keep)
     pred_idx = np.flatnonzero(pred_keep)
-    gt_key = gt.label[gt_idx] * n_samples + gt.sample[gt_idx]
-    gt_sorted = gt_idx[np.argsort(gt_key, kind="stable")]
-    gt_key_sorted = gt.label[gt_sorted] * n_samples + gt.sample[gt_sorted]
-    pred_key = pred.label[pred_idx] * n_samples + pred.sample[pred_idx]
-    lo = np.searchsorted(gt_key_sorted, pred_key, "left")
-    count = np.searchsorted(gt_key_sorted, pred_key, "right") - lo
+    # Clamping is monotone and shrinks differences, so neighbours stay within one bucket.
+    gt_bucket = np.floor(np.clip(gt.center[gt_idx, 0], -_X_CLAMP, _X_CLAMP) / max_th).astype(
+        np.int64
+    )
+    pred_bucket = np.floor(np.clip(pred.center[pred_idx, 0], -_X_CLAMP, _X_CLAMP) / max_th).astype(
+        np.int64
+    )
+    low = int(min(gt_bucket.min(initial=0), pred_bucket.min(initial=0))) - 1
+    n_buckets = int(max(gt_bucket.max(initial=0), pred_bucket.max(initial=0))) - low + 2
+    gt_key = (gt.label[gt_idx] * n_samples + gt.sample[gt_idx]) * n_buckets + (gt_bucket - low)
+    by_key = np.argsort(gt_key, kind="stable")
+    gt_sorted, gt_key = gt_idx[by_key], gt_key[by_key]
+    pred_key = (pred.label[pred_idx] * n_samples + pred.sample[pred_idx]) * n_buckets + (
+        pred_bucket - low
+    )
+    lo = np.searchsorted(gt_key, pred_key - 1, "left")
+    count = np.searchsorted(gt_key, pred_key + 1, "right") - lo
     ends = np.cumsum(count)
     gx, gy = gt.center[:, 0], gt.center[:, 1]
     px, py = pred.center[:, 0], pred.center[:, 1]
@@ -522,33 +574,24 @@ def _candidate_pairs(
         # |dx| >= th implies distance >= th (rounding is monotone): an exact, cheap pre-filter.
         near = np.flatnonzero((np.abs(dx) < max_th) & (np.abs(dy) < max_th))
         d = _norm2(np.stack([dx[near], dy[near]], axis=1))
-        keep = near[d < max_th]
-        out_p.append(p[keep])
-        out_g.append(g[keep])
-        out_d.append(d[d < max_th])
+        close = d < max_th
+        out_p.append(p[near[close]])
+        out_g.append(g[near[close]])
+        out_d.append(d[close])
     if not out_p:
         return np.zeros(0, np.intp), np.zeros(0, np.intp), np.zeros(0)
     return np.concatenate(out_p), np.concatenate(out_g), np.concatenate(out_d)
 
 
-def _priorities(pred: _Boxes, pred_keep: NDArray[np.bool_]) -> IntArray:
-    """Position of every kept prediction in its class's devkit processing order."""
-    priority = np.zeros(len(pred.label), dtype=np.intp)
-    for c in range(len(DETECTION_CLASSES)):
-        order = _processing_order(pred, pred_keep, c)
-        priority[order] = np.arange(len(order))
-    return priority
-
-
-def _processing_order(pred: _Boxes, pred_keep: NDArray[np.bool_], c: int) -> IntArray:
-    """The devkit's ``sorted((score, index))[::-1]``: descending score, ties larger index first."""
-    idx = np.flatnonzero(pred_keep & (pred.label == c))
-    return idx[np.argsort(pred.score[idx], kind="stable")[::-1]]
-
-
 def _lockstep(
-    rank: IntArray, part_t: IntArray, part_p: IntArray, part_len: IntArray, seg_start: IntArray,
-    pair_gt: IntArray, n_gt: int, matched: IntArray,
+    rank: IntArray,
+    part_t: IntArray,
+    part_p: IntArray,
+    part_len: IntArray,
+    seg_start: IntArray,
+    pair_gt: IntArray,
+    n_gt: int,
+    matched: IntArray,
 ) -> None:
     """Step k matches the k-th participant of every group: its first candidate not yet taken."""
     by_rank = np.argsort(rank, kind="stable")
@@ -570,13 +613,17 @@ def _lockstep(
 
 
 def _class_metrics(
-    c: int, gt: _Boxes, pred: _Boxes, gt_keep: NDArray[np.bool_], pred_keep: NDArray[np.bool_],
+    c: int,
+    gt: _Boxes,
+    pred: _Boxes,
+    gt_keep: NDArray[np.bool_],
+    pred_keep: NDArray[np.bool_],
     matching: _Matching,
 ) -> ClassMetrics:
     """AP per threshold and TP errors of one class, mirroring accumulate / calc_ap / calc_tp."""
     name = DETECTION_CLASSES[c]
     npos = int(np.count_nonzero(gt_keep & (gt.label == c)))
-    order = _processing_order(pred, pred_keep, c)
+    order = matching.orders[c]
     aps: list[float] = []
     tp_errors = dict.fromkeys(TP_METRICS, 1.0)  # the devkit's no_predictions() gives 1
     for t, th in enumerate(DIST_THRESHOLDS):
@@ -596,8 +643,9 @@ def _class_metrics(
         if th == DIST_TH_TP:
             tp_preds = order[is_tp]
             tp_pairs = pairs[is_tp]
-            errors = _match_errors(c, gt, pred, tp_preds, matching.pair_gt[tp_pairs],
-                                   matching.pair_dist[tp_pairs])
+            errors = _match_errors(
+                c, gt, pred, tp_preds, matching.pair_gt[tp_pairs], matching.pair_dist[tp_pairs]
+            )
             match_conf = pred.score[tp_preds]
             for metric, err in errors.items():
                 curve = np.interp(conf_i[::-1], match_conf[::-1], _cummean(err)[::-1])[::-1]
@@ -671,7 +719,9 @@ def _summarise(per_class: dict[str, ClassMetrics]) -> NDSResult:
         tp_errors[metric] = float(np.nanmean(values)) if (~np.isnan(values)).any() else math.nan
     # max(0.0, nan) is 0.0: a metric that is NaN for every class scores 0, as in the devkit.
     tp_scores = [max(0.0, 1.0 - tp_errors[metric]) for metric in TP_METRICS]
-    nds = float(MEAN_AP_WEIGHT * mean_ap + np.sum(tp_scores)) / float(MEAN_AP_WEIGHT + len(TP_METRICS))
+    nds = float(MEAN_AP_WEIGHT * mean_ap + np.sum(tp_scores)) / float(
+        MEAN_AP_WEIGHT + len(TP_METRICS)
+    )
     return NDSResult(
         mAP=mean_ap,
         NDS=nds,
