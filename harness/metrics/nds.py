@@ -195,7 +195,6 @@ class NDSResult:
 class _Boxes:
     """One side (ground truth or predictions) flattened in sample order, then list order."""
 
-    offsets: IntArray  # boxes of sample s are offsets[s]:offsets[s + 1]
     sample: IntArray
     label: IntArray
     attribute: IntArray  # 0 for '', else 1 + index in ATTRIBUTE_NAMES
@@ -308,61 +307,77 @@ def _parse(
                 f"{MAX_BOXES_PER_SAMPLE} per sample are allowed (the devkit rejects the file)"
             )
     counts = np.fromiter(map(len, per_sample), dtype=np.intp, count=len(per_sample))
-    offsets = np.zeros(len(tokens) + 1, dtype=np.intp)
-    np.cumsum(counts, out=offsets[1:])
+    sample = np.repeat(np.arange(len(tokens), dtype=np.intp), counts)
     flat: list[Mapping[str, Any]] = list(itertools.chain.from_iterable(per_sample))
-    n = len(flat)
-
-    def diagnose() -> MetricError:
-        for token, boxes in zip(tokens, per_sample, strict=True):
-            for i, box in enumerate(boxes):
-                problem = _box_problem(box, is_pred)
-                if problem:
-                    return MetricError(f"{side} sample {token!r} box {i}: {problem}")
-        return MetricError(f"{side}: boxes could not be read")  # pragma: no cover - a bug here
-
     try:
-        label = np.fromiter(map(_CLASS_INDEX.__getitem__, [b["label"] for b in flat]), np.intp, n)
-        attribute = np.fromiter(
-            map(_ATTR_INDEX.__getitem__, [b["attribute"] for b in flat]), np.intp, n
-        )
-        center = _float_rows([b["center"] for b in flat], 3)
-        size = _float_rows([b["size"] for b in flat], 3)
-        velocity = _float_rows([b["velocity"] for b in flat], 2)
-        yaw = _float_column([b["yaw"] for b in flat])
-        score = _float_column([b["score"] for b in flat]) if is_pred else np.zeros(n)
-        num_pts = (
-            np.ones(n, dtype=np.int64)
-            if is_pred or n == 0
-            else np.array([b.get("num_pts", 1) for b in flat])
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise diagnose() from exc
-    if num_pts.dtype.kind not in "iu":
-        raise diagnose()
-    bad = (
-        ~_ATTR_ALLOWED[label, attribute]
-        | ~np.isfinite(center).all(axis=1)
-        | ~np.isfinite(size).all(axis=1)
-        | ~(size > 0).all(axis=1)
-        | ~np.isfinite(yaw)
-        | np.isinf(velocity).any(axis=1)
-        | ~np.isfinite(score)
+        parsed = _columns(flat, sample, is_pred)
+    except _READ_ERRORS as exc:
+        # Some box is malformed: find its sample with the same fast path, then the box.
+        for token, boxes in zip(tokens, per_sample, strict=True):
+            try:
+                _columns(boxes, np.zeros(len(boxes), dtype=np.intp), is_pred)
+            except _READ_ERRORS:
+                raise _first_box_error(side, token, boxes, is_pred) from exc
+        raise  # pragma: no cover - every box read alone, so reading them all cannot fail
+    bad = np.flatnonzero(_bad_values(parsed))
+    if len(bad):
+        s = int(sample[bad[0]])
+        i = int(bad[0]) - int(counts[:s].sum())
+        raise _first_box_error(side, tokens[s], per_sample[s][i:], is_pred, offset=i)
+    return parsed
+
+
+_READ_ERRORS = (KeyError, TypeError, ValueError, AttributeError)
+
+
+def _columns(flat: Sequence[Mapping[str, Any]], sample: IntArray, is_pred: bool) -> _Boxes:
+    """Read boxes into arrays; raises one of ``_READ_ERRORS`` on a malformed box."""
+    n = len(flat)
+    num_pts = (
+        np.ones(n, dtype=np.int64)
+        if is_pred or n == 0
+        else np.array([b.get("num_pts", 1) for b in flat])
     )
-    if bad.any():
-        raise diagnose()
+    if num_pts.dtype.kind not in "iu":
+        raise TypeError("num_pts must be integers")
     return _Boxes(
-        offsets=offsets,
-        sample=np.repeat(np.arange(len(tokens), dtype=np.intp), counts),
-        label=label,
-        attribute=attribute,
-        center=center,
-        size=size,
-        yaw=yaw,
-        velocity=velocity,
-        score=score,
+        sample=sample,
+        label=np.fromiter(map(_CLASS_INDEX.__getitem__, [b["label"] for b in flat]), np.intp, n),
+        attribute=np.fromiter(
+            map(_ATTR_INDEX.__getitem__, [b["attribute"] for b in flat]), np.intp, n
+        ),
+        center=_float_rows([b["center"] for b in flat], 3),
+        size=_float_rows([b["size"] for b in flat], 3),
+        yaw=_float_column([b["yaw"] for b in flat]),
+        velocity=_float_rows([b["velocity"] for b in flat], 2),
+        score=_float_column([b["score"] for b in flat]) if is_pred else np.zeros(n),
         num_pts=num_pts.astype(np.int64),
     )
+
+
+def _bad_values(boxes: _Boxes) -> NDArray[np.bool_]:
+    """Boxes that read fine but break a rule of ``_box_problem`` (same rules, vectorised)."""
+    bad: NDArray[np.bool_] = (
+        ~_ATTR_ALLOWED[boxes.label, boxes.attribute]
+        | ~np.isfinite(boxes.center).all(axis=1)
+        | ~np.isfinite(boxes.size).all(axis=1)
+        | ~(boxes.size > 0).all(axis=1)
+        | ~np.isfinite(boxes.yaw)
+        | np.isinf(boxes.velocity).any(axis=1)
+        | ~np.isfinite(boxes.score)
+    )
+    return bad
+
+
+def _first_box_error(
+    side: str, token: str, boxes: Sequence[Any], is_pred: bool, offset: int = 0
+) -> MetricError:
+    """The error for the first invalid box of ``boxes`` (box ``offset`` of the sample)."""
+    for i, box in enumerate(boxes):
+        problem = _box_problem(box, is_pred)
+        if problem:
+            return MetricError(f"{side} sample {token!r} box {offset + i}: {problem}")
+    return MetricError(f"{side} sample {token!r}: boxes could not be read")  # pragma: no cover
 
 
 def _float_rows(values: list[Any], width: int) -> FloatArray:
