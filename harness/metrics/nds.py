@@ -507,9 +507,8 @@ class _Matching:
         len_all = np.concatenate(part_len).astype(np.intp)
 
         # Rank of each participant inside its (threshold, class, sample) group, by priority.
-        group = (t_all * len(DETECTION_CLASSES) + pred.label[p_all]) * n_samples + pred.sample[
-            p_all
-        ]
+        label, sample = pred.label[p_all], pred.sample[p_all]
+        group = (t_all * len(DETECTION_CLASSES) + label) * n_samples + sample
         by_group = np.lexsort((priority[p_all], group))
         g_sorted = group[by_group]
         pos = np.arange(len(by_group))
@@ -552,21 +551,16 @@ def _candidate_pairs(
     max_th = max(DIST_THRESHOLDS)
     gt_idx = np.flatnonzero(gt_keep)
     pred_idx = np.flatnonzero(pred_keep)
-    # Clamping is monotone and shrinks differences, so neighbours stay within one bucket.
-    gt_bucket = np.floor(np.clip(gt.center[gt_idx, 0], -_X_CLAMP, _X_CLAMP) / max_th).astype(
-        np.int64
-    )
-    pred_bucket = np.floor(np.clip(pred.center[pred_idx, 0], -_X_CLAMP, _X_CLAMP) / max_th).astype(
-        np.int64
-    )
+    gt_bucket = _x_bucket(gt, gt_idx, max_th)
+    pred_bucket = _x_bucket(pred, pred_idx, max_th)
     low = int(min(gt_bucket.min(initial=0), pred_bucket.min(initial=0))) - 1
     n_buckets = int(max(gt_bucket.max(initial=0), pred_bucket.max(initial=0))) - low + 2
-    gt_key = (gt.label[gt_idx] * n_samples + gt.sample[gt_idx]) * n_buckets + (gt_bucket - low)
+    gt_group = gt.label[gt_idx] * n_samples + gt.sample[gt_idx]
+    gt_key = gt_group * n_buckets + (gt_bucket - low)
     by_key = np.argsort(gt_key, kind="stable")
     gt_sorted, gt_key = gt_idx[by_key], gt_key[by_key]
-    pred_key = (pred.label[pred_idx] * n_samples + pred.sample[pred_idx]) * n_buckets + (
-        pred_bucket - low
-    )
+    pred_group = pred.label[pred_idx] * n_samples + pred.sample[pred_idx]
+    pred_key = pred_group * n_buckets + (pred_bucket - low)
     lo = np.searchsorted(gt_key, pred_key - 1, "left")
     count = np.searchsorted(gt_key, pred_key + 1, "right") - lo
     ends = np.cumsum(count)
@@ -596,6 +590,14 @@ def _candidate_pairs(
     if not out_p:
         return np.zeros(0, np.intp), np.zeros(0, np.intp), np.zeros(0)
     return np.concatenate(out_p), np.concatenate(out_g), np.concatenate(out_d)
+
+
+def _x_bucket(boxes: _Boxes, idx: IntArray, width: float) -> NDArray[np.int64]:
+    """``floor(x / width)``; clamping x first is monotone and only shrinks differences, so
+    boxes closer than ``width`` still land at most one bucket apart."""
+    x = np.clip(boxes.center[idx, 0], -_X_CLAMP, _X_CLAMP)
+    bucket: NDArray[np.int64] = np.floor(x / width).astype(np.int64)
+    return bucket
 
 
 def _lockstep(
