@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -57,7 +59,7 @@ class FourConv(nn.Module):
     def __init__(self, width: int = 32) -> None:
         super().__init__()
         chans = [3, width, width, width, width]
-        self.body = nn.Sequential(*[ConvBNReLU(a, b) for a, b in zip(chans, chans[1:], strict=False)])
+        self.body = nn.Sequential(*[ConvBNReLU(a, b) for a, b in itertools.pairwise(chans)])
         self.head = nn.Conv2d(width, 4, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

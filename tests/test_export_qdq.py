@@ -14,7 +14,13 @@ from quant_nets import SmallNet, randomize_bn
 from torch import nn
 
 from harness.errors import ExportError, QuantError
-from harness.export.qdq import check_qdq_scales, export_qdq, int8_report, optimize_with_onnxruntime, resolve_module
+from harness.export.qdq import (
+    check_qdq_scales,
+    export_qdq,
+    int8_report,
+    optimize_with_onnxruntime,
+    resolve_module,
+)
 from harness.quant.calibrate import calibrate
 from harness.quant.modules import QuantConv2d
 from harness.quant.rules import get_rule

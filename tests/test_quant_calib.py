@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 from scipy.stats import entropy as scipy_entropy
 
 from harness.errors import QuantError
-from harness.quant.calib import HistogramCalibrator, MaxCalibrator, amax_entropy, amax_mse, amax_percentile
+from harness.quant.calib import (
+    HistogramCalibrator,
+    MaxCalibrator,
+    amax_entropy,
+    amax_mse,
+    amax_percentile,
+)
 
 
 def entropy_loop_reference(counts: np.ndarray, edges: np.ndarray, start_bin: int = 128, stride: int = 1) -> float:

@@ -8,7 +8,13 @@ from torch import nn
 
 from harness.errors import QuantError
 from harness.quant.calibrate import quantization_disabled
-from harness.quant.modules import QuantAdd, QuantConcat, QuantConv2d, QuantConvTranspose2d, QuantLinear
+from harness.quant.modules import (
+    QuantAdd,
+    QuantConcat,
+    QuantConv2d,
+    QuantConvTranspose2d,
+    QuantLinear,
+)
 from harness.quant.tensor_quantizer import QuantMode, TensorQuantizer, fake_quantize
 from harness.zoo import ops
 

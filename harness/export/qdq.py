@@ -54,8 +54,8 @@ Where fake quantization and ONNX Runtime can still differ (the graph itself is e
 
 from __future__ import annotations
 
-import io
 import re
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -129,27 +129,27 @@ def export_qdq(
     if opset < 13:
         raise ExportError(f"Q/DQ export needs opset >= 13 (per-channel axis), got {opset}")
     check_exportable(model)
-    buffer = io.BytesIO()
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", UserWarning)
+            raw = Path(tmp) / "raw.onnx"
             torch.onnx.export(
-                model, args, buffer, dynamo=False, opset_version=opset, do_constant_folding=True,
+                model, args, str(raw), dynamo=False, opset_version=opset, do_constant_folding=True,
                 input_names=list(input_names) if input_names else None,
                 output_names=list(output_names) if output_names else None,
-                dynamic_axes=dynamic_axes,  # type: ignore[arg-type]
+                dynamic_axes=dynamic_axes,
             )
+            proto = onnx.load(str(raw))
     except QuantError:
         raise
     except Exception as err:
         raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {err}") from err
     finally:
         model.train(was_training)
-    proto = onnx.load_from_string(buffer.getvalue())
     fold_weight_quantizers(proto)
     if layout == "onnxruntime":
         to_onnxruntime_layout(proto)
