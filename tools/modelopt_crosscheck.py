@@ -12,6 +12,10 @@ histograms are identical and the largest amax difference for max, percentiles, e
 `mse` is compared with Model Optimizer's own `_compute_amax_mse` with its `fake_tensor_quant`
 call fixed (`apply(inputs, amax, None, num_bits, unsigned)`): the intended algorithm. The value
 0.47.0 returns as shipped is printed for information. Exit status 1 when anything differs.
+
+Last run (torch 2.13.0+cpu, modelopt 0.47.0, scipy 1.17.1; 8 distributions x 6 orders = 48
+streams, 2048-9000 bins): histograms identical, largest |amax difference| 0 for max (per tensor,
+axis 0, axis 1), percentiles 50..100, entropy and mse (intended); entropy 150-400x faster.
 """
 
 from __future__ import annotations
