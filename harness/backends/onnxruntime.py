@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -125,6 +125,28 @@ def float_onnx(ctx: PrepareContext) -> dict[str, Path]:
     return {name: folder / f"{name}.onnx" for name in program.stages}
 
 
+def qdq_onnx(ctx: PrepareContext, layout: Literal["tensorrt", "onnxruntime"]) -> dict[str, Path]:
+    """The Q/DQ ONNX of every stage of the calibrated model in `layout` (TensorRT's: Q/DQ on conv
+    inputs and weights; ONNX Runtime's: conv outputs quantized too so ORT runs int8 kernels),
+    exported once and cached by model and quantization identity; dim 0 stays dynamic where the
+    stage's batch is."""
+    from harness.export.qdq import export_qdq
+
+    feeds = ctx.stage_feeds()
+
+    def build(folder: Path) -> None:
+        program = ctx.program(ctx.quantized_model())
+        for name, stage in program.stages.items():
+            example = tuple(feeds[name][n] for n in stage.inputs)
+            dynamic = {n: {0: "batch"} for n in (*stage.inputs, *stage.outputs)} if stage.dynamic_batch else None
+            export_qdq(stage.module, example, folder / f"{name}.onnx", layout=layout,
+                       input_names=list(stage.inputs), output_names=list(stage.outputs), dynamic_axes=dynamic)
+
+    key = content_key(export_key(ctx, f"qdq-{layout}", feeds), ctx.quant_key())
+    folder = ctx.cache.entry(f"{ctx.case.name}/onnx-qdq-{layout}", key, build)
+    return {name: folder / f"{name}.onnx" for name in feeds}
+
+
 def session_runner(ctx: PrepareContext, paths: dict[str, Path], precision: str) -> OrtRunner:
     """Open one session per stage ONNX and describe the provider and device used."""
     sessions = {stage: make_session(path, ctx.device) for stage, path in paths.items()}
@@ -145,3 +167,14 @@ class OrtFP32(Backend):
     def prepare(self, ctx: PrepareContext) -> Runner:
         """Export every stage (cached by content hash) and open sessions."""
         return session_runner(ctx, float_onnx(ctx), "fp32")
+
+
+class OrtInt8(Backend):
+    """ONNX Runtime on the Q/DQ ONNX in ONNX Runtime's layout: QLinearConv / ConvInteger kernels."""
+
+    name = "ort-int8"
+    precision = "int8"
+
+    def prepare(self, ctx: PrepareContext) -> Runner:
+        """Export the calibrated model's stages in the onnxruntime layout (cached) and open sessions."""
+        return session_runner(ctx, qdq_onnx(ctx, "onnxruntime"), "int8 (QDQ, onnxruntime layout)")

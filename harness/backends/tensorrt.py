@@ -37,7 +37,7 @@ from filelock import FileLock
 
 from harness.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from harness.backends.base import Backend, PrepareContext, Runner
-from harness.backends.onnxruntime import export_key, float_onnx
+from harness.backends.onnxruntime import float_onnx, qdq_onnx
 from harness.cache import Cache, content_key, file_sha256
 from harness.environment import cuda_available
 from harness.errors import ExportError, HarnessError
@@ -641,27 +641,6 @@ def max_batch(ctx: PrepareContext) -> int:
     return max(ctx.case.spec.data.batch_size, ctx.case.spec.benchmark.batch_size)
 
 
-def qdq_onnx(ctx: PrepareContext) -> dict[str, Path]:
-    """The Q/DQ ONNX of every stage of the calibrated model in TensorRT's layout (Q/DQ on conv
-    inputs and weights), exported once and cached by the model and quantization identity; the
-    batch dimension is dynamic where the float export's is."""
-    from harness.export.qdq import export_qdq
-
-    feeds = ctx.stage_feeds()
-
-    def build(folder: Path) -> None:
-        program = ctx.program(ctx.quantized_model())
-        for name, stage in program.stages.items():
-            example = tuple(feeds[name][n] for n in stage.inputs)
-            dynamic = {n: {0: "batch"} for n in (*stage.inputs, *stage.outputs)} if stage.dynamic_batch else None
-            export_qdq(stage.module, example, folder / f"{name}.onnx", layout="tensorrt",
-                       input_names=list(stage.inputs), output_names=list(stage.outputs), dynamic_axes=dynamic)
-
-    key = content_key(export_key(ctx, "qdq-tensorrt", feeds), ctx.quant_key())
-    folder = ctx.cache.entry(f"{ctx.case.name}/onnx-qdq-tensorrt", key, build)
-    return {name: folder / f"{name}.onnx" for name in feeds}
-
-
 def engine_runner(ctx: PrepareContext, onnx_paths: Mapping[str, Path], options: BuildOptions,
                   precision: str) -> TrtRunner:
     """Build or load one engine per stage and open execution contexts on `ctx.device`."""
@@ -727,7 +706,7 @@ class TrtInt8(_TensorRT):
 
     def prepare(self, ctx: PrepareContext) -> Runner:
         """Export the calibrated model as Q/DQ ONNX (TensorRT layout) and build one engine per stage."""
-        return engine_runner(ctx, qdq_onnx(ctx), int8_options(supports_strongly_typed()), "int8")
+        return engine_runner(ctx, qdq_onnx(ctx, "tensorrt"), int8_options(supports_strongly_typed()), "int8")
 
 
 def int8_options(strongly_typed: bool) -> BuildOptions:

@@ -31,16 +31,20 @@ from harness.errors import QuantError
 from harness.quant.modules import QuantAdd, QuantConcat, QuantModule, quant_modules
 from harness.quant.tensor_quantizer import QuantMode, TensorQuantizer
 
-Batch = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+ModelCall = Callable[[nn.Module], Any]
+Batch = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | ModelCall
 
 
 def call_model(model: nn.Module, batch: Batch) -> Any:
-    """Run `model` on one batch: a tensor, a tuple/list of positional tensors, or a dict of keyword tensors."""
+    """Run `model` on one batch: a tensor, a tuple/list of positional tensors, a dict of keyword
+    tensors, or a callable that runs the model itself (e.g. a multi-stage program with glue)."""
     if isinstance(batch, torch.Tensor):
         return model(batch)
     if isinstance(batch, Mapping):
         return model(**batch)
-    return model(*batch)
+    if isinstance(batch, Sequence):
+        return model(*batch)
+    return batch(model)
 
 
 @dataclass(frozen=True)
