@@ -366,6 +366,21 @@ def fit_bn_statistics(
     model.eval()
 
 
+def round_params_to_fp16(model: nn.Module) -> nn.Module:
+    """Round every sparse convolution's weight and bias to fp16-representable values, in place.
+
+    The SCN engine stores fp16 weights, so a float reference that is compared with an exported
+    graph (run in fp32 by the reference executor) should use exactly those weights.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, SparseConvolution):
+                for p in (module.weight, module.bias):
+                    if p is not None:
+                        p.copy_(p.half().float())
+    return model
+
+
 def centerpoint_scn(
     in_channels: int = 5,
     widths: Sequence[int] = WIDTHS,
@@ -373,11 +388,13 @@ def centerpoint_scn(
     seed: int = 0,
     fit_voxels: int = 0,
     fuse: bool = False,
+    fp16_params: bool = False,
 ) -> CenterPointSCN:
     """Zoo factory: CenterPoint SCN in eval mode with seeded weights.
 
     `fit_voxels` > 0 fits the BN statistics on one seeded `random_voxels` sweep of that size
-    (a checkpoint, when loaded, replaces all of it). `fuse` applies `fuse_bn`.
+    (a checkpoint, when loaded, replaces all of it). `fuse` applies `fuse_bn`; `fp16_params`
+    then applies `round_params_to_fp16`, so the model computes with the weights an export holds.
     """
     if len(widths) != 4 or len(grid) != 3:
         raise HarnessError(f"centerpoint_scn: need 4 widths and a 3-D grid, got {widths}, {grid}")
@@ -388,9 +405,17 @@ def centerpoint_scn(
     if fit_voxels > 0:
         fit_bn_statistics(model, [random_voxels(grid, fit_voxels, seed + 1, in_channels)])
     model.eval()
-    return fuse_bn(model) if fuse else model
+    if fuse:
+        fuse_bn(model)
+    if fp16_params:
+        round_params_to_fp16(model)
+    return model
 
 
-def centerpoint_scn_ci(seed: int = 0, fuse: bool = False) -> CenterPointSCN:
-    """Zoo factory: the CI profile, full widths on the reduced 41x180x180 grid -> [1,256,23,23]."""
-    return centerpoint_scn(grid=CI_GRID, seed=seed, fit_voxels=6000, fuse=fuse)
+def centerpoint_scn_ci(seed: int = 0, fuse: bool = True, fp16_params: bool = True) -> CenterPointSCN:
+    """Zoo factory: the CI profile, full widths on the reduced 41x180x180 grid -> [1,256,23,23].
+
+    Fused with fp16-representable weights by default: the form that is exported and compared.
+    """
+    return centerpoint_scn(grid=CI_GRID, seed=seed, fit_voxels=6000, fuse=fuse,
+                           fp16_params=fp16_params)
