@@ -1,0 +1,123 @@
+"""ONNX Runtime backends: ort-fp32 (float ONNX) and ort-int8 (Q/DQ ONNX, real int8 kernels).
+
+The CUDA execution provider is used when onnxruntime-gpu is installed and the session's device
+is CUDA; otherwise the CPU provider. The provider actually used is reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.backends.base import Backend, PrepareContext, Runner
+from harness.cache import content_key
+from harness.environment import cpu_name, device_name, library_versions
+from harness.export.onnx import OPSET, export_stage
+
+_NP_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def providers_for(device: torch.device) -> list[str]:
+    """Execution providers to request: CUDA first when available and wanted, then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device.type == "cuda" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def make_session(path: Path, device: torch.device, optimized_path: Path | None = None) -> Any:
+    """An InferenceSession with full graph optimisation (optionally saving the optimised graph)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers_for(device))
+
+
+@dataclass
+class OrtRunner(Runner):
+    """One InferenceSession per stage."""
+
+    sessions: dict[str, Any] = field(default_factory=dict)
+
+    def run_stage(self, stage: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Feed numpy copies of the inputs (cast to the graph's input types)."""
+        session = self.sessions[stage]
+        outputs = session.run(None, self._numpy_feeds(session, feeds))
+        names = [o.name for o in session.get_outputs()]
+        return {n: torch.from_numpy(np.asarray(v)) for n, v in zip(names, outputs, strict=True)}
+
+    def timed_call(self, stage: str, feeds: Mapping[str, torch.Tensor]) -> Callable[[], None]:
+        """Inputs converted once in advance; the call is one session.run."""
+        session = self.sessions[stage]
+        bound = self._numpy_feeds(session, feeds)
+
+        def call() -> None:
+            session.run(None, bound)
+        return call
+
+    @staticmethod
+    def _numpy_feeds(session: Any, feeds: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        out = {}
+        for inp in session.get_inputs():
+            dtype = _NP_TYPES.get(inp.type, np.float32)
+            out[inp.name] = np.ascontiguousarray(feeds[inp.name].detach().cpu().numpy(), dtype=dtype)
+        return out
+
+    def close(self) -> None:
+        """Drop the sessions."""
+        self.sessions.clear()
+
+
+def export_key(ctx: PrepareContext, flavour: str, feeds: dict[str, dict[str, torch.Tensor]]) -> str:
+    """Cache key of an export: model identity, flavour, input shapes, opset and library versions."""
+    shapes = {s: {n: list(t.shape[1:]) for n, t in f.items()} for s, f in feeds.items()}
+    return content_key("onnx", flavour, ctx.model_key, shapes, OPSET, library_versions())
+
+
+def session_runner(ctx: PrepareContext, paths: dict[str, Path], precision: str) -> OrtRunner:
+    """Open one session per stage ONNX and describe the provider and device used."""
+    sessions = {stage: make_session(path, ctx.device) for stage, path in paths.items()}
+    provider = next(iter(sessions.values())).get_providers()[0]
+    import onnxruntime as ort
+
+    device = device_name(ctx.device) if provider == "CUDAExecutionProvider" else cpu_name()
+    info = {"provider": f"onnxruntime {ort.__version__} {provider}", "device": device, "precision": precision}
+    return OrtRunner(info=info, artifacts={f"onnx:{s}": str(p) for s, p in paths.items()}, sessions=sessions)
+
+
+class OrtFP32(Backend):
+    """ONNX Runtime on the float ONNX export (one graph per stage)."""
+
+    name = "ort-fp32"
+    precision = "fp32"
+
+    def prepare(self, ctx: PrepareContext) -> Runner:
+        """Export every stage (cached by content hash) and open sessions."""
+        feeds = ctx.stage_feeds()
+        program = ctx.program(ctx.float_model())
+
+        def build(folder: Path) -> None:
+            for name, stage in program.stages.items():
+                export_stage(stage, feeds[name], folder / f"{name}.onnx")
+
+        folder = ctx.cache.entry(f"{ctx.case.name}/onnx-fp32", export_key(ctx, "fp32", feeds), build)
+        return session_runner(ctx, {name: folder / f"{name}.onnx" for name in program.stages}, "fp32")
