@@ -13,6 +13,9 @@ from torch import nn
 from harness.errors import HarnessError
 from harness.zoo import centerpoint as cp
 
+# spconv's SparseConvTensor.dense indexes with a list (a torch deprecation warning).
+pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")
+
 SMALL = (8, 8, 16, 16)
 
 

@@ -99,10 +99,10 @@ class SymbolicRegistry:
 
     def method(self, owner: type, name: str) -> Callable[[F], F]:
         """Decorator: record calls of `owner.name` on traced receivers with `fn`."""
+        if not callable(getattr(owner, name, None)):
+            raise ExportError(f"{owner.__qualname__} has no method '{name}'")
 
         def deco(fn: F) -> F:
-            if not callable(getattr(owner, name, None)):
-                raise ExportError(f"{owner.__qualname__} has no method '{name}'")
             self._methods[(owner, name)] = fn
             return fn
 
@@ -238,9 +238,10 @@ class Tracer:
         """Store `array` as a raw initializer of ONNX type `dtype` (FLOAT16 by default)."""
         np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
         a = np.asarray(array)
-        converted = np.ascontiguousarray(a.astype(np_dtype))
+        with np.errstate(over="ignore"):
+            converted = np.ascontiguousarray(a.astype(np_dtype))
         if np.issubdtype(np_dtype, np.floating) and np.isfinite(a).all() and not np.isfinite(converted).all():
-            raise ExportError(f"'{self.path}': initializer {name} overflows {np_dtype.__name__}")
+            raise ExportError(f"'{self.path}': initializer {name} overflows {np_dtype.name}")
         self.initializers.append(
             helper.make_tensor(name, dtype, list(a.shape), converted.tobytes(), raw=True)
         )

@@ -36,6 +36,7 @@ from cumm import tensorview as tv
 from spconv.pytorch.conv import SparseConvolution
 
 from harness.errors import ExportError, HarnessError
+from harness.export.scn_golden import load_features, load_indices
 from harness.export.scn_schema import load
 from harness.zoo.centerpoint import conv_forward
 
@@ -178,22 +179,28 @@ class ScnExecutor:
     def _store(self, x: torch.Tensor) -> torch.Tensor:
         return x.half().float() if self.precision == "fp16" else x
 
+    def run_files(self, features_path: str | Path, indices_path: str | Path) -> torch.Tensor:
+        """Dense output for a features file and an indices file (`.tensor` or `.npy`)."""
+        return self(load_features(features_path), load_indices(indices_path),
+                    features_source=str(features_path), indices_source=str(indices_path))
+
     def __call__(self, features: torch.Tensor | np.ndarray, indices: torch.Tensor | np.ndarray,
-                 *, source: str = "<array>") -> torch.Tensor:
+                 *, features_source: str = "<features>",
+                 indices_source: str = "<indices>") -> torch.Tensor:
         """Dense output for features [N, C] and indices [N, 4] (file's index order).
 
-        fp32 returns float32; fp16 returns float16.
+        fp32 returns float32; fp16 returns float16. Errors name the source and first bad row.
         """
         ind = np.asarray(indices.cpu().numpy() if isinstance(indices, torch.Tensor) else indices)
-        check_indices(ind, self.grid, source)
+        check_indices(ind, self.grid, indices_source)
         feats = torch.as_tensor(np.asarray(features.cpu().numpy() if isinstance(
             features, torch.Tensor) else features)).float()
         if feats.ndim != 2 or feats.shape[0] != ind.shape[0] or feats.shape[1] != self.in_channels:
-            raise ScnInputError(source, f"features {list(feats.shape)} must be "
-                                f"[{ind.shape[0]}, {self.in_channels}]")
+            raise ScnInputError(features_source, f"features {list(feats.shape)} must be "
+                                f"[{ind.shape[0]}, {self.in_channels}] for {indices_source}")
         if not torch.isfinite(feats).all():
             row = int(torch.nonzero(~torch.isfinite(feats).all(dim=1))[0, 0])
-            raise ScnInputError(source, "features hold NaN or Inf", row=row)
+            raise ScnInputError(features_source, "features hold NaN or Inf", row=row)
         x = spconv.SparseConvTensor(self._store(feats), torch.from_numpy(ind.astype(np.int32)),
                                     self.grid, 1)
         values: dict[str, Any] = {self.input_name: x}
