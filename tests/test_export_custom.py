@@ -11,10 +11,9 @@ import pytest
 import spconv.pytorch as spconv
 import torch
 from onnx import TensorProto, numpy_helper
-from spconv.pytorch.conv import SparseConvolution
 from torch import nn
 
-from harness.errors import ExportError
+from harness.errors import ExportError, QuantError
 from harness.export import custom
 from harness.export.custom import (
     SCN_SYMBOLICS,
@@ -24,8 +23,14 @@ from harness.export.custom import (
     export_scn,
     reorder,
 )
+from harness.quant.calibrate import calibrate
+from harness.quant.sparse import (
+    NVIDIA_CENTERPOINT_KEEP_FLOAT,
+    QuantSparseConvolution,
+    quantize_scn,
+)
+from harness.quant.tensor_quantizer import QuantMode, TensorQuantizer
 from harness.zoo import centerpoint as cp
-from harness.zoo.ops import Add
 
 # spconv's SparseConvTensor.dense indexes with a list (a torch deprecation warning).
 pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")
@@ -264,14 +269,11 @@ def test_xyz_variant_inverts_like_nvidia(exported: custom.ScnExport, fused: cp.C
     assert reorder(zyx, "zyx").SerializeToString() == zyx.SerializeToString()
 
 
-def _quantized_stub(model: cp.CenterPointSCN) -> None:
-    """Give every conv and add fixed int8 ranges through the exporter's range protocol."""
-    for m in model.modules():
-        if isinstance(m, SparseConvolution):
-            cout = m.out_channels
-            object.__setattr__(m, "scn_dynamic_ranges", lambda c=cout: (True, 2.0, [0.5] * c))
-        elif isinstance(m, Add):
-            object.__setattr__(m, "scn_dynamic_range", lambda: (True, 3.0))
+def _quantized(model: cp.CenterPointSCN, voxels: tuple[torch.Tensor, torch.Tensor],
+               keep_float: tuple[str, ...] = ("conv_input",)) -> torch.nn.Module:
+    q = quantize_scn(model, keep_float=keep_float)
+    calibrate(q, [voxels], progress=False)
+    return q
 
 
 def _precisions(proto: onnx.ModelProto) -> dict[str, tuple[str, str]]:
@@ -279,28 +281,33 @@ def _precisions(proto: onnx.ModelProto) -> dict[str, tuple[str, str]]:
             for n in proto.graph.node if n.op_type in ("SparseConvolution", "Add")}
 
 
-def test_int8_precisions_first_input_and_last_output_fp16(
+def test_int8_export_first_input_and_last_output_fp16(
         fused: cp.CenterPointSCN, voxels: tuple[torch.Tensor, torch.Tensor]) -> None:
-    model = copy.deepcopy(fused)
-    _quantized_stub(model)
+    model = _quantized(fused, voxels)
     proto = export_scn(model, *voxels).model
     p = _precisions(proto)
     assert p["conv_input"] == ("fp16", "int8")
     assert p["extra_conv"] == ("int8", "fp16")
     assert all(v == ("int8", "int8") for k, v in p.items() if k not in ("conv_input", "extra_conv"))
     conv = proto.graph.node[1]
-    assert attribute(conv, "input_dynamic_range") == 2.0
-    assert attribute(conv, "weight_dynamic_ranges") == [0.5] * 8
+    q = model.get_submodule("conv1.0.conv1")
+    assert isinstance(q, QuantSparseConvolution) and isinstance(q.input_quantizer, TensorQuantizer)
+    assert attribute(conv, "input_dynamic_range") == pytest.approx(float(q.input_quantizer.amax))
+    assert attribute(conv, "weight_dynamic_ranges") == pytest.approx(
+        q.weight_quantizer.amax.reshape(-1).tolist())
+    assert len(attribute(conv, "weight_dynamic_ranges")) == 8
+    assert attribute(proto.graph.node[0], "input_dynamic_range") == 0.0  # never calibrated
     add = proto.graph.node[3]
-    assert attribute(add, "input0_dynamic_range") == attribute(add, "input1_dynamic_range") == 3.0
+    shared = model.get_submodule("conv1.0.add").input_quantizer
+    assert isinstance(shared, TensorQuantizer)
+    assert attribute(add, "input0_dynamic_range") == attribute(add, "input1_dynamic_range")
+    assert attribute(add, "input0_dynamic_range") == pytest.approx(float(shared.amax))
 
 
-def test_int8_precisions_nvidia_centerpoint_plan(
+def test_int8_export_nvidia_centerpoint_plan(
         fused: cp.CenterPointSCN, voxels: tuple[torch.Tensor, torch.Tensor]) -> None:
-    model = copy.deepcopy(fused)
-    _quantized_stub(model)
-    proto = export_scn(model, *voxels, fp16_layers=custom.nvidia_centerpoint_fp16_layers()).model
-    p = _precisions(proto)
+    model = _quantized(fused, voxels, NVIDIA_CENTERPOINT_KEEP_FLOAT)
+    p = _precisions(export_scn(model, *voxels).model)
     # As NVIDIA's CUDA-CenterPoint export-scn.py sets them.
     assert p["conv_input"] == ("fp16", "fp16")
     assert p["conv1.0.conv1"] == ("fp16", "fp16")
@@ -308,8 +315,27 @@ def test_int8_precisions_nvidia_centerpoint_plan(
     assert p["conv1.0.add"] == ("fp16", "int8")
     assert p["conv1.1.conv1"] == ("int8", "int8")
     assert p["extra_conv"] == ("int8", "fp16")
-    with pytest.raises(ExportError, match="no conv or add at"):
-        export_scn(model, *voxels, fp16_layers=["conv9"])
+
+
+def test_first_layer_reads_fp16_even_when_quantized(
+        fused: cp.CenterPointSCN, voxels: tuple[torch.Tensor, torch.Tensor]) -> None:
+    model = _quantized(fused, voxels, keep_float=())
+    proto = export_scn(model, *voxels).model
+    assert _precisions(proto)["conv_input"] == ("fp16", "int8")
+    assert attribute(proto.graph.node[0], "input_dynamic_range") > 0
+
+
+def test_half_quantized_layers_are_refused(
+        fused: cp.CenterPointSCN, voxels: tuple[torch.Tensor, torch.Tensor]) -> None:
+    model = _quantized(fused, voxels)
+    conv = model.get_submodule("conv2.0")
+    assert isinstance(conv, QuantSparseConvolution)
+    conv.weight_quantizer.set_mode(QuantMode.DISABLED)
+    with pytest.raises(ExportError, match=r"'conv2\.0': the engine runs a layer wholly in int8"):
+        export_scn(model, *voxels)
+    fresh = quantize_scn(fused)
+    with pytest.raises(QuantError, match=r"'conv1\.0\.conv1\.input_quantizer' is not calibrated"):
+        export_scn(fresh, *voxels)
 
 
 class _TinyScn(nn.Module):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,11 +9,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
-from spconv.pytorch.conv import SparseConvolution
 
 from harness.errors import ExportError
 from harness.export import scn_schema
 from harness.export.custom import export_scn, set_attribute
+from harness.quant.calibrate import calibrate
+from harness.quant.sparse import quantize_scn
 from harness.zoo import centerpoint as cp
 
 # spconv's SparseConvTensor.dense indexes with a list (a torch deprecation warning).
@@ -27,13 +27,8 @@ def exports() -> dict[str, onnx.ModelProto]:
                                fuse=True, fp16_params=True)
     f, i = cp.random_voxels(cp.CI_GRID, 2000, seed=4)
     out = {order: export_scn(model, f, i, order=order).model for order in ("zyx", "xyz")}
-    quant = copy.deepcopy(model)
-    for m in quant.modules():
-        if isinstance(m, SparseConvolution):
-            object.__setattr__(m, "scn_dynamic_ranges",
-                               lambda c=m.out_channels: (True, 1.5, [0.25] * c))
-        elif type(m).__name__ == "Add":
-            object.__setattr__(m, "scn_dynamic_range", lambda: (True, 2.5))
+    quant = quantize_scn(model)
+    calibrate(quant, [(f, i)], progress=False)
     out["int8"] = export_scn(quant, f, i).model
     return out
 

@@ -38,6 +38,8 @@ from spconv.pytorch.conv import SparseConvolution
 from torch import nn
 
 from harness.errors import ExportError
+from harness.quant.modules import QuantAdd, QuantModule
+from harness.quant.tensor_quantizer import QuantMode, TensorQuantizer
 from harness.zoo.ops import Add
 
 SymbolicFn = Callable[..., None]
@@ -397,13 +399,37 @@ def _ints(values: Iterable[Any]) -> list[int]:
     return [int(v) for v in values]
 
 
-def _conv_ranges(conv: nn.Module) -> tuple[bool, float, list[float]]:
-    """(int8, input range, per-output-channel weight ranges) of a sparse conv; float: (False, 0, [])."""
-    ranges = getattr(conv, "scn_dynamic_ranges", None)
-    if ranges is None:
+def _active(q: TensorQuantizer | None) -> bool:
+    return q is not None and q.mode is QuantMode.QUANTIZE
+
+
+def _amax(q: TensorQuantizer | None) -> list[float]:
+    return [] if q is None or not q.is_calibrated else [float(v) for v in q.amax.reshape(-1)]
+
+
+def _int8(t: Tracer, quantizers: Sequence[TensorQuantizer | None], what: str) -> bool:
+    """Whether a layer runs in int8: all its quantizers quantize, or none does (else an error)."""
+    active = [_active(q) for q in quantizers]
+    if any(active) and not all(active):
+        raise ExportError(f"'{t.path}': the engine runs a layer wholly in int8 or fp16, but only "
+                          f"some of its {what} quantizers are enabled")
+    return all(active)
+
+
+def _conv_ranges(t: Tracer, conv: nn.Module) -> tuple[bool, float, list[float]]:
+    """(int8, input range, per-output-channel weight ranges) from a quantized conv's quantizers.
+
+    Ranges are written whenever a quantizer holds an amax (NVIDIA writes them for fp16 layers
+    too); a float conv gives (False, 0, []).
+    """
+    if not isinstance(conv, QuantModule):
         return False, 0.0, []
-    enabled, inp, weights = ranges()
-    return bool(enabled), float(inp), [float(w) for w in weights]
+    q_in, q_w = conv.get_input_quantizer(0), getattr(conv, "weight_quantizer", None)
+    if q_in is not None and q_in.axis is not None:
+        raise ExportError(f"'{t.path}': the engine takes one input range, not per channel")
+    int8 = _int8(t, [q_in, q_w], "input and weight")
+    inp = _amax(q_in)
+    return int8, inp[0] if inp else 0.0, _amax(q_w)
 
 
 @SCN_SYMBOLICS.module(SparseConvolution)
@@ -428,7 +454,10 @@ def symbolic_sparse_convolution(
     weight = t.add_initializer(f"spconv{i}.weight", conv.weight.detach().cpu().float().numpy())
     bias_t = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
     bias = t.add_initializer(f"spconv{i}.bias", bias_t.detach().cpu().float().numpy())
-    int8, input_range, weight_ranges = _conv_ranges(conv)
+    int8, input_range, weight_ranges = _conv_ranges(t, conv)
+    if weight_ranges and len(weight_ranges) != conv.out_channels:
+        raise ExportError(f"'{t.path}': {len(weight_ranges)} weight ranges for {conv.out_channels} "
+                          "output channels (quantize the weight per channel along axis 0)")
     x_name = t.name(x)
     precision = "int8" if int8 else "fp16"
     t.add_node("SparseConvolution", [x_name, weight, bias], [t.define(y)], f"conv{i}", {
@@ -465,16 +494,22 @@ def symbolic_relu(t: Tracer, module: nn.ReLU, y: torch.Tensor, x: torch.Tensor) 
     t.add_node("Relu", [x_name], [t.define(y)], f"relu{t.index('relu')}")
 
 
-@SCN_SYMBOLICS.module(Add)
-def symbolic_add(t: Tracer, module: Add, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """Add(a, b) with both input ranges (0 when float; a shared quantizer's amax when int8)."""
+@SCN_SYMBOLICS.module(Add, QuantAdd)
+def symbolic_add(
+    t: Tracer, module: nn.Module, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+) -> None:
+    """Add(a, b) with each input's range (0 when float; a shared quantizer gives both the same)."""
     names = [t.name(a), t.name(b)]
-    ranges = getattr(module, "scn_dynamic_range", None)
-    enabled, amax = ranges() if ranges is not None else (False, 0.0)
-    precision = "int8" if enabled else "fp16"
+    ranges = [0.0, 0.0]
+    int8 = False
+    if isinstance(module, QuantAdd):
+        qs = [module.get_input_quantizer(0), module.get_input_quantizer(1)]
+        int8 = _int8(t, qs, "input")
+        ranges = [(_amax(q) or [0.0])[0] for q in qs]
+    precision = "int8" if int8 else "fp16"
     t.add_node("Add", names, [t.define(y)], f"add{t.index('add')}", {
-        "input0_dynamic_range": float(amax),
-        "input1_dynamic_range": float(amax),
+        "input0_dynamic_range": ranges[0],
+        "input1_dynamic_range": ranges[1],
         "precision": precision,
         "output_precision": precision,
     })
@@ -560,26 +595,19 @@ def _input_precisions(name: str, consumers: Mapping[str, list[onnx.NodeProto]],
     return found
 
 
-def assign_precisions(model: onnx.ModelProto, fp16_layers: Iterable[str] = ()) -> None:
+def assign_precisions(model: onnx.ModelProto) -> None:
     """Settle `precision` / `output_precision` on every conv and add, in place.
 
-    If any node is int8: the first SparseConvolution and the nodes whose module path is in
-    `fp16_layers` compute in fp16 (NVIDIA keeps the first layer's input fp16). Then a node
-    writes int8 only when every reader computes in int8, so the last layer (read by
-    ScatterDense) writes fp16 and every edge agrees on its precision.
+    A node computes in int8 when its quantizers say so, except the first SparseConvolution,
+    which reads the fp16 voxel features (as NVIDIA's exports have it). A node writes int8 only
+    when every reader computes in int8, so the last layer (read by ScatterDense) writes fp16 and
+    every edge agrees on its precision.
     """
     graph = model.graph
-    keep = set(fp16_layers)
     nodes = [n for n in graph.node if n.op_type in ("SparseConvolution", "Add")]
-    unknown = keep - {n.doc_string for n in nodes}
-    if unknown:
-        raise ExportError(f"fp16_layers: no conv or add at {sorted(unknown)}")
-    if any(attribute(n, "precision") == "int8" for n in nodes):
-        first = next(n for n in graph.node if n.op_type == "SparseConvolution")
-        keep.add(first.doc_string)
-    for node in nodes:
-        if node.doc_string in keep:
-            set_attribute(node, "precision", "fp16")
+    first = next((n for n in graph.node if n.op_type == "SparseConvolution"), None)
+    if first is not None:
+        set_attribute(first, "precision", "fp16")
     consumers = _consumers(graph)
     outputs = {o.name for o in graph.output}
     for node in nodes:
@@ -706,7 +734,6 @@ def export_scn(
     *,
     order: IndexOrder = "zyx",
     native_order: IndexOrder = "zyx",
-    fp16_layers: Iterable[str] = (),
     registry: SymbolicRegistry | None = None,
     producer: str = "qharness",
 ) -> ScnExport:
@@ -714,8 +741,8 @@ def export_scn(
 
     `features` [N, C] and `indices` [N, 4] (rows in `native_order`, the model's own order) drive
     the trace; the graph's input "0" is FLOAT16 [N, C] and its output the FLOAT16 dense map. A
-    model whose sparse convs expose calibrated quantizers (see `harness.quant.sparse`) exports
-    int8 precisions and dynamic ranges; `assign_precisions` settles fp16 islands.
+    model quantized with `harness.quant.sparse.quantize_scn` and calibrated exports the int8
+    precisions and dynamic ranges of its enabled quantizers (see `assign_precisions`).
     """
     start = time.perf_counter()
     tracer = Tracer(model, registry or SCN_SYMBOLICS, {"format": native_order})
@@ -735,13 +762,8 @@ def export_scn(
     proto = helper.make_model(graph, opset_imports=[helper.make_operatorsetid("ai.onnx", OPSET)],
                               producer_name=producer)
     proto.ir_version = 6
-    assign_precisions(proto, fp16_layers)
+    assign_precisions(proto)
     if order != native_order:
         proto = reorder(proto, order)
     return ScnExport(proto, y.detach(), time.perf_counter() - start)
-
-
-def nvidia_centerpoint_fp16_layers() -> tuple[str, ...]:
-    """The layers NVIDIA's CenterPoint int8 export keeps in fp16 (besides the first one)."""
-    return ("conv1.0.conv1", "conv1.0.conv2", "conv1.0.add")
 

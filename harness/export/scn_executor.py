@@ -12,9 +12,10 @@ with PyTorch's measures the fidelity of the export. Semantics, as the engine has
 - fp16 (`precision="fp16"`): every tensor is stored in fp16 (inputs, weights, each node's
   output rounded), arithmetic accumulates in fp32.
 - int8 (`int8=True`): a node whose `precision` is "int8" fake-quantizes what it reads with its
-  ranges (symmetric, scale amax/127, [-128, 127]): features with `input_dynamic_range` (Add:
-  `input0/1_dynamic_range`), weights per output channel with `weight_dynamic_ranges`. An int8
-  output is quantized by its readers, as in fake-quant PyTorch.
+  ranges, with `harness.quant`'s quantize-dequantize (symmetric, scale amax/127, [-128, 127]):
+  features with `input_dynamic_range` (Add: `input0/1_dynamic_range`), weights per output
+  channel with `weight_dynamic_ranges`. An int8 output is quantized by its readers, as in
+  fake-quant PyTorch, so the result matches `harness.quant.sparse` models.
 
 Inputs are features [N, C] and indices [N, 4] int32 in the file's index order (rows (b,z,y,x)
 for "zyx", (b,x,y,z) for "xyz"), batch 1; out-of-grid or repeated indices raise
@@ -38,6 +39,7 @@ from spconv.pytorch.conv import SparseConvolution
 from harness.errors import ExportError, HarnessError
 from harness.export.scn_golden import load_features, load_indices
 from harness.export.scn_schema import load
+from harness.quant.tensor_quantizer import fake_quantize
 from harness.zoo.centerpoint import conv_forward
 
 Precision = Literal["fp32", "fp16"]
@@ -58,20 +60,6 @@ class ScnInputError(HarnessError):
         self.row = row
         where = f"{source}: row {row}: " if row is not None else f"{source}: "
         super().__init__(where + message)
-
-
-def fake_quant(x: torch.Tensor, amax: torch.Tensor | float, axis: int | None = None) -> torch.Tensor:
-    """Symmetric int8 fake quantization: round(x*127/amax) clamped to [-128, 127], times amax/127.
-
-    `axis` selects per-channel ranges (`amax` holds one value per index of that axis).
-    """
-    a = torch.as_tensor(amax, dtype=x.dtype, device=x.device)
-    if axis is not None:
-        shape = [1] * x.dim()
-        shape[axis] = -1
-        a = a.reshape(shape)
-    scale = 127.0 / a
-    return torch.clamp(torch.round(x * scale), -128, 127) / scale
 
 
 def check_indices(indices: np.ndarray, grid: Sequence[int], source: str) -> None:
@@ -227,8 +215,8 @@ class ScnExecutor:
         c = self.convs[node.name]
         weight = self._store(c.module.weight)
         if self.int8 and c.precision == "int8":
-            x = x.replace_feature(fake_quant(x.features, c.input_range))
-            weight = fake_quant(weight, c.weight_ranges, axis=0)
+            x = x.replace_feature(fake_quantize(x.features, torch.tensor(c.input_range)))
+            weight = fake_quantize(weight, c.weight_ranges, axis=0)
         y = conv_forward(c.module, x, weight=weight)
         if not c.module.subm and y.features.shape[0] > c.output_bound:
             raise ExportError(f"{self.source}: node '{node.name}': {y.features.shape[0]} output "
@@ -242,8 +230,8 @@ class ScnExecutor:
         fa, fb = a.features, b.features
         attrs = self.attrs[node.name]
         if self.int8 and attrs.get("precision") == "int8":
-            fa = fake_quant(fa, float(attrs["input0_dynamic_range"]))
-            fb = fake_quant(fb, float(attrs["input1_dynamic_range"]))
+            fa = fake_quantize(fa, torch.tensor(float(attrs["input0_dynamic_range"])))
+            fb = fake_quantize(fb, torch.tensor(float(attrs["input1_dynamic_range"])))
         return a.replace_feature(self._store(fa + fb))
 
     def _op_Relu(self, node: onnx.NodeProto, x: Any) -> Any:
@@ -260,7 +248,7 @@ class ScnExecutor:
                               f"{list(x.spatial_shape)}, attribute {spatial}, output {shape}")
         feats = x.features
         if self.int8 and float(a.get("input_dynamic_range", 0.0)) > 0:
-            feats = fake_quant(feats, float(a["input_dynamic_range"]))
+            feats = fake_quantize(feats, torch.tensor(float(a["input_dynamic_range"])))
         dense = torch.zeros([shape[0], *spatial, feats.shape[1]], dtype=feats.dtype)
         idx = x.indices.long()
         dense[idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]] = feats
