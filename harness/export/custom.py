@@ -17,6 +17,11 @@ ai.onnx opset 11, tensor names as counters with input "0", FLOAT16 initializers
 `spconv{i}.weight` [Cout, k0, k1, k2, Cin] and `spconv{i}.bias`), with every attribute the C++
 loader reads written explicitly (its defaults made explicit). `reorder` converts between the
 zyx and xyz index orders as NVIDIA's `inverse_model` does.
+
+Precision comes from the model's quantizers (`harness.quant.sparse`): a conv or add whose
+quantizers quantize runs in int8 and carries their amax as `input_dynamic_range` /
+`weight_dynamic_ranges` (per output channel) / `input0/1_dynamic_range`; the first layer always
+reads fp16 and a node writes int8 only for int8 readers (`assign_precisions`).
 """
 
 from __future__ import annotations
