@@ -8,6 +8,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# mkstemp creates files 0600; give ours the mode a plain open() would (0666 minus the umask).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so readers see either the old file or the whole new one."""
@@ -16,6 +21,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), _FILE_MODE)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

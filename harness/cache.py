@@ -47,6 +47,12 @@ def file_sha256(path: Path) -> str:
     return _FILE_HASHES[memo]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class Cache:
     """Content-addressed folders under `root`."""
 
@@ -65,6 +71,7 @@ class Cache:
             if final.exists():
                 shutil.rmtree(final)
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+            tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a shared cache needs the usual mode
             try:
                 build(tmp)
                 (tmp / _COMPLETE).write_text(key)

@@ -290,6 +290,16 @@ def load_case(path: str | Path, *, root: Path | None = None, profile: str = DEFA
     if not isinstance(raw, dict):
         raise CaseError(path, f"a case file must be a mapping at the top level, got {type(raw).__name__}", line=1)
     data = _apply_profile(path, raw, profile, lines)
+    if profile != DEFAULT_PROFILE:
+        # Keys the profile sets are reported at their line inside `profiles:`.
+        prefix = ("profiles", profile)
+        lines = {**lines, **{k[2:]: ln for k, ln in lines.items() if k[:2] == prefix and len(k) > 2}}
+    backends = data.get("backends")
+    if isinstance(backends, dict):
+        for name in backends:
+            if name not in known_backends():
+                raise CaseError(path, f"unknown backend '{name}'; known backends: {', '.join(known_backends())}",
+                                line=lines.get(("backends", str(name))), key=f"backends.{name}")
     try:
         spec = CaseSpec.model_validate(data)
     except ValidationError as exc:
@@ -405,6 +415,8 @@ def json_schema() -> dict[str, Any]:
     schema = CaseSpec.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "qharness case"
+    golden = schema["properties"]["golden"]
+    schema["properties"]["golden"] = {"anyOf": [golden, {"type": "string", "description": "shorthand for {dir: ...}"}]}
     backends = schema["properties"]["backends"]
     backends["propertyNames"] = {"enum": list(known_backends())}
     return schema

@@ -87,7 +87,7 @@ class GateOutcome:
             ])
         headers = ["figure", "gate", "float", self.backend, "ratio", "bound", "measured", "baseline", "verdict"]
         failed = sum(not c.passed for c in self.checks)
-        return f"{case}[{self.backend}]: {failed} metric gate(s) failed\n" + tabulate(rows, headers=headers)
+        return f"{case}[{self.backend}]: {failed} metric gate(s) failed\n" + tabulate(rows, headers=headers, disable_numparse=True)
 
 
 def _f(x: float | None) -> str:

@@ -121,7 +121,7 @@ class GoldenStore:
                     path = self.dir / kind / f"{name}.tensor"
                     tensorfile.save(path, _golden_array(np.asarray(array)))
                     files[f"{kind}/{path.name}"] = _sha256(path)
-            new = {key: old[key] for key in ("float_metric", "baselines") if key in old}
+            new: dict[str, Any] = {key: old[key] for key in ("float_metric", "baselines") if key in old}
             new.update(meta)
             new["format"] = FORMAT
             new["files"] = files

@@ -7,9 +7,10 @@ Items are `<case file>::<case>[<backend>]::<kind>` with kinds `golden` (one per 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,10 @@ class CaseFile(pytest.File):
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         """Case errors are shown as their message (file, line, key), without a traceback."""
         if isinstance(excinfo.value, CaseError):
-            return f"invalid case file: {excinfo.value}"
+            shown = self.config.rootpath / excinfo.value.path
+            with contextlib.suppress(ValueError):
+                shown = shown.resolve().relative_to(self.config.rootpath.resolve())
+            return f"invalid case file: {excinfo.value.render(shown)}"
         return str(super().repr_failure(excinfo))
 
 
@@ -153,10 +157,40 @@ class BackendNode(pytest.Collector):
             yield CaseItem.from_parent(self, name=name, kind="golden", stage=stage)
         if self.case.spec.metric is not None:
             yield CaseItem.from_parent(self, name="metric", kind="metric", stage=None)
+        for stage in stages:
+            name = "benchmark" if stages == ("model",) else f"benchmark[{stage}]"
+            yield self._benchmark_item(name, stage)
+
+    def _benchmark_item(self, name: str, stage: str) -> BenchmarkItem:
+        """A Function item so that pytest-benchmark's `benchmark` fixture (and its options) apply."""
+        run, backend = self.run, self.backend
+
+        def benchmark_stage(benchmark: Any) -> None:
+            item.qharness_record = Record(case=run.case.name, profile=run.case.profile, backend=backend,
+                                          item="benchmark", stage=stage)
+            reason = run.unavailable_reason(backend)
+            if reason:
+                item.qharness_record.verdict = "skipped"
+                item.qharness_record.reason = reason
+                raise pytest.skip.Exception(reason, _use_item_location=True)
+            from harness.bench import benchmark_stage as measure
+
+            item.qharness_record = measure(run, backend, stage, benchmark)
+
+        item: BenchmarkItem = BenchmarkItem.from_parent(self, name=name, callobj=benchmark_stage)
+        item.add_marker(pytest.mark.qharness)
+        item.add_marker(pytest.mark.benchmark)
+        return item
 
     def teardown(self) -> None:
         """Free the backend's sessions / engines once its items are done."""
         self.run.release(self.backend)
+
+
+class BenchmarkItem(pytest.Function):
+    """A benchmark of one stage: a Function item so the `benchmark` fixture is available."""
+
+    qharness_record: Record | None = None
 
 
 class CaseItem(pytest.Item):
@@ -169,36 +203,40 @@ class CaseItem(pytest.Item):
         parent = self.parent
         assert isinstance(parent, BackendNode)
         self.node: BackendNode = parent
-        self.record: Record | None = None
+        self.qharness_record: Record | None = None
         self.add_marker(pytest.mark.qharness)
         self.add_marker(getattr(pytest.mark, kind))
 
     def runtest(self) -> None:
         """Skip when the backend cannot run here; otherwise run the check."""
         run, backend = self.node.run, self.node.backend
-        self.record = Record(case=run.case.name, profile=run.case.profile, backend=backend,
+        self.qharness_record = Record(case=run.case.name, profile=run.case.profile, backend=backend,
                              item=self.kind, stage=self.stage, nodeid=self.nodeid)
         reason = run.unavailable_reason(backend)
         if reason:
-            self.record.verdict, self.record.reason = "skipped", reason
-            pytest.skip(reason)
+            self._skip(reason)
         try:
             if self.kind == "golden":
                 assert self.stage is not None
-                self.record = run.check_golden(backend, self.stage)
+                self.qharness_record = run.check_golden(backend, self.stage)
             elif self.kind == "metric":
-                self.record = run.check_metric(backend)
+                self.qharness_record = run.check_metric(backend)
         except BackendUnavailable as exc:
-            self.record.verdict, self.record.reason = "skipped", str(exc)
-            pytest.skip(str(exc))
+            self._skip(str(exc))
         except ItemFailure as exc:
-            self.record = exc.record
-            self.record.reason = exc.text
+            self.qharness_record = exc.record
+            self.qharness_record.reason = exc.text
             raise
         except HarnessError as exc:
-            self.record.verdict, self.record.reason = "failed", str(exc)
+            self.qharness_record.verdict, self.qharness_record.reason = "failed", str(exc)
             raise
-        self.record.nodeid = self.nodeid
+        self.qharness_record.nodeid = self.nodeid
+
+    def _skip(self, reason: str) -> None:
+        """Skip, reported at the backend's line in the case file rather than in this module."""
+        assert self.qharness_record is not None
+        self.qharness_record.verdict, self.qharness_record.reason = "skipped", reason
+        raise pytest.skip.Exception(reason, _use_item_location=True)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         """Our failures are their table or message; anything else gets pytest's traceback."""
@@ -206,9 +244,10 @@ class CaseItem(pytest.Item):
             return str(excinfo.value)
         return str(super().repr_failure(excinfo))
 
-    def reportinfo(self) -> tuple[Path, int | None, str]:
-        """Location shown in reports: the case file and the item name."""
-        return self.path, None, f"{self.node.name}::{self.name}"
+    def reportinfo(self) -> tuple[Path, int, str]:
+        """Location shown in reports: the case file at the backend's line, and the item name."""
+        line = self.node.case.line_of("backends", self.node.backend) or 1
+        return self.path, line - 1, f"{self.node.name}::{self.name}"
 
 
 class ReportingPlugin:
@@ -217,13 +256,14 @@ class ReportingPlugin:
     def __init__(self, state: HarnessState):
         self.state = state
 
-    @pytest.hookimpl(hookwrapper=True)
-    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
         """Attach the item's record to the report (so it also travels from xdist workers)."""
-        outcome = yield
-        report: pytest.TestReport = outcome.get_result()
-        if isinstance(item, CaseItem) and call.when == "call" and item.record is not None:
-            record = item.record
+        report = yield
+        record = getattr(item, "qharness_record", None)
+        if call.when == "call" and record is not None:
             record.nodeid = item.nodeid
             if report.failed and record.verdict == "passed":
                 record.verdict = "failed"
@@ -231,12 +271,13 @@ class ReportingPlugin:
             if report.skipped:
                 record.verdict = "skipped"
             report.user_properties.append((_RECORD_KEY, json.dumps(record.to_dict(), default=str)))
+        return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         """Collect records (in the controller process when running under xdist)."""
         for key, value in report.user_properties:
             if key == _RECORD_KEY:
-                self.state.records.append(Record.from_dict(json.loads(value)))
+                self.state.records.append(Record.from_dict(json.loads(str(value))))
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
         """Print the summary table and write report files (controller only)."""

@@ -34,8 +34,8 @@ def _status(records: Sequence[Record]) -> str:
     if "failed" in verdicts:
         return "FAILED"
     if verdicts == {"skipped"}:
-        reason = next(r.reason for r in records if r.reason)
-        return f"skipped: {reason[:60]}"
+        reason = next((r.reason for r in records if r.reason), "")
+        return f"skipped: {reason[:60]}" if reason else "skipped"
     return "passed"
 
 
@@ -101,7 +101,11 @@ def _finite(x: Any) -> bool:
 
 def summary_table(records: Iterable[Record], tablefmt: str = "simple") -> str:
     """The end-of-run table: one row per case x backend."""
-    return tabulate(summary_rows(records), headers=HEADERS, tablefmt=tablefmt, disable_numparse=True)
+    rows, headers = summary_rows(records), HEADERS
+    if tablefmt == "github":  # a bare "|" inside a cell would split it into two columns
+        rows = [[cell.replace("|", "\\|") for cell in row] for row in rows]
+        headers = [h.replace("|", "\\|") for h in headers]
+    return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
 def environment() -> dict[str, Any]:
@@ -116,12 +120,23 @@ def write_reports(records: Sequence[Record], out_dir: Path) -> list[Path]:
         "schema_version": SCHEMA_VERSION,
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": environment(),
-        "records": [r.to_dict() for r in records],
+        "records": [_json_safe(r.to_dict()) for r in records],
     }
     json_path, md_path = out_dir / "report.json", out_dir / "report.md"
     write_json_atomic(json_path, data)
     write_text_atomic(md_path, markdown(records, out_dir))
     return [md_path, json_path]
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with NaN / Inf floats as the strings "nan" / "inf" / "-inf" (strict JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def markdown(records: Sequence[Record], out_dir: Path) -> str:

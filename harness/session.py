@@ -27,7 +27,7 @@ from harness.cache import Cache, content_key, file_sha256
 from harness.cases import DEFAULT_PROFILE, Case, CompareSpec
 from harness.compare import CompareResult, Tolerance, compare, failure_table
 from harness.environment import library_versions
-from harness.errors import BackendUnavailable, CaseError, GoldenError, HarnessError, MetricError
+from harness.errors import BackendUnavailable, GoldenError, HarnessError, MetricError
 from harness.factory import FactoryError, resolve
 from harness.golden import GoldenStore
 from harness.program import Program
@@ -189,6 +189,10 @@ class CaseRun:
     def stage_names(self) -> tuple[str, ...]:
         """Stage names in declaration order ("model" for single-stage cases)."""
         return tuple(self.program(self._float_model).stages)
+
+    def stage_is_dynamic(self, stage: str) -> bool:
+        """True when dim 0 of the stage's inputs is a free batch dimension."""
+        return self.program(self._float_model).stages[stage].dynamic_batch
 
     # -- reference and golden --------------------------------------------------------------
 

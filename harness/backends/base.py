@@ -54,7 +54,7 @@ class Runner(abc.ABC):
             self.run_stage(stage, feeds)
         return call
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook; runners without resources need nothing
         """Release sessions, engines and device memory."""
 
 

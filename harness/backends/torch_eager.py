@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ class EagerRunner(Runner):
     """Runs a program's stages eagerly on one device in one dtype."""
 
     program: Program | None = None
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
 
     def run_stage(self, stage: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -33,12 +33,13 @@ class EagerRunner(Runner):
         assert self.program is not None
         bound = self._to_device(feeds)
         module = self.program.stages[stage]
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        cuda = self.device.type == "cuda"
 
         def call() -> None:
             with torch.inference_mode():
                 module(bound)
-            sync()
+            if cuda:
+                torch.cuda.synchronize()
         return call
 
     def _to_device(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io
+import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,17 +29,17 @@ def export_stage(stage: Stage, feeds: Mapping[str, torch.Tensor], path: Path, *,
     dynamic_axes = None
     if stage.dynamic_batch:
         dynamic_axes = {n: {0: "batch"} for n in (*stage.inputs, *stage.outputs)}
-    buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
+            traced = Path(tmp) / "traced.onnx"
             torch.onnx.export(
-                module, args, buffer, input_names=list(stage.inputs), output_names=list(stage.outputs),
+                module, args, traced, input_names=list(stage.inputs), output_names=list(stage.outputs),
                 dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
             )
+            model = onnx.load(str(traced))
     except Exception as exc:
         raise ExportError(f"stage '{stage.name}': torch.onnx.export failed: {exc}") from exc
-    model = onnx.load_from_string(buffer.getvalue())
     if simplify:
         model = slim(model, stage.name)
     check(model, stage.name)
