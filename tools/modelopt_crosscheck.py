@@ -57,8 +57,8 @@ def streams(batches: list[torch.Tensor], rng: np.random.Generator) -> Iterator[t
     yield "reversed", batches[::-1]
     yield "shuffled", [batches[i] for i in rng.permutation(len(batches))]
     yield "one_batch", [torch.cat([b.reshape(-1) for b in batches])]
-    yield "growing", [b * (1.0 + 0.7 * k) for k, b in enumerate(batches)]
-    yield "shrinking", [b / (1.0 + 0.7 * k) for k, b in enumerate(batches)]
+    yield "growing", [b * (1.0 + 0.25 * k) for k, b in enumerate(batches)]
+    yield "shrinking", [b / (1.0 + 0.25 * k) for k, b in enumerate(batches)]
 
 
 def compare_histogram(name: str, stream: list[torch.Tensor]) -> tuple[bool, dict[str, float]]:
@@ -97,7 +97,8 @@ def compare_histogram(name: str, stream: list[torch.Tensor]) -> tuple[bool, dict
         f"  {name:<28} bins={hist[0].numel():5d} hist={'same' if same_hist else 'DIFF'} "
         + " ".join(f"{k}={v:.3g}" for k, v in diffs.items())
         + f" | mse intended={intended:.6g} shipped={shipped:.6g}"
-        + f" | entropy {timings['entropy_mo']:.2f}s vs {timings['entropy_ours'] * 1e3:.1f}ms"
+        + f" | entropy {timings['entropy_mo']:.2f}s vs {timings['entropy_ours'] * 1e3:.1f}ms",
+        flush=True,
     )
     return ok, diffs
 
@@ -121,7 +122,7 @@ def main() -> int:
     worst: dict[str, float] = {}
     for dist, make in distributions(rng).items():
         print(dist)
-        batches = [torch.from_numpy(make(40_000).astype(np.float32)).reshape(4, 10, 1000) for _ in range(6)]
+        batches = [torch.from_numpy(make(40_000).astype(np.float32)).reshape(4, 10, 1000) for _ in range(4)]
         for order, stream in streams(batches, rng):
             ok, diffs = compare_histogram(f"{dist}/{order}", stream)
             all_ok &= ok

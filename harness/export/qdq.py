@@ -23,7 +23,13 @@ QLinearSigmoid, int8 MaxPool) without changing what is computed:
    symmetric zero-point-0 quantizer commutes with ReLU and max, the outputs are unchanged: a
    conv's output is quantized before its ReLU with the scale of the quantizer that consumes it;
 3. a Relu between `DQ(s)` and `Q(s)` gets the Q/DQ after it with zero point 0 (uint8), so
-   ONNX Runtime drops the Relu (its ReluQuantFusion) and the clamp to [0, 127]·s stays exact.
+   ONNX Runtime drops the Relu (its ReluQuantFusion) and the clamp to [0, 127]·s stays exact;
+   MaxPool and reshapes of such tensors keep zero point 0 and run on the integers;
+4. a quantized conv that gets no output Q (its output reaches the graph output, a float layer,
+   or quantizers with different scales) becomes
+   `ConvInteger` (int8 codes, int32 accumulation; weights shifted to uint8, zero point 128)
+   followed by `Cast`, `Mul(s_x * s_w)` and `Add(bias)`: the "int32 output" of a
+   high-precision last layer, equal to fake quantization up to float summation order.
 
 Measured here (ORT 1.31, AVX512-VNNI): the TensorRT layout leaves float `FusedConv` between
 Q/DQ in ONNX Runtime and is slower than fp32; the ONNX Runtime layout makes every conv whose
@@ -38,16 +44,18 @@ Where fake quantization and ONNX Runtime can still differ (the graph itself is e
 * adds and concats whose inputs have different scales are requantized to the output scale;
   an add that quantizes only one input (a residual identity) leaves the other branch's conv
   float in ONNX Runtime (TensorRT instead fuses the add into that conv);
-* a conv output that reaches a float consumer (a graph output, a float layer, a linear Resize,
-  a Sigmoid without quantizers, quantizers with different scales) gets no output Q: that conv
-  stays a float conv between Q/DQ in ONNX Runtime (`int8_report` lists them);
+* a conv output that reaches float consumers or quantizers with different scales (a tensor read
+  by several layers without the `shared_input` rule) gets no output Q: the conv becomes
+  ConvInteger with a float output (4. above) and what follows it (ReLU, add) runs in float;
+* ConvTranspose has no integer kernel in ONNX Runtime's CPU provider: it runs in float between
+  DQ and Q in both layouts (exactly what fake quantization computes);
 * a linear Resize runs in float between DQ and Q in both layouts (ORT does not fuse it).
 """
 
 from __future__ import annotations
 
-import io
 import re
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,27 +129,27 @@ def export_qdq(
     if opset < 13:
         raise ExportError(f"Q/DQ export needs opset >= 13 (per-channel axis), got {opset}")
     check_exportable(model)
-    buffer = io.BytesIO()
     was_training = model.training
     model.eval()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", UserWarning)
+            raw = Path(tmp) / "raw.onnx"
             torch.onnx.export(
-                model, args, buffer, dynamo=False, opset_version=opset, do_constant_folding=True,
+                model, args, str(raw), dynamo=False, opset_version=opset, do_constant_folding=True,
                 input_names=list(input_names) if input_names else None,
                 output_names=list(output_names) if output_names else None,
-                dynamic_axes=dynamic_axes,  # type: ignore[arg-type]
+                dynamic_axes=dynamic_axes,
             )
+            proto = onnx.load(str(raw))
     except QuantError:
         raise
     except Exception as err:
         raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {err}") from err
     finally:
         model.train(was_training)
-    proto = onnx.load_from_string(buffer.getvalue())
     fold_weight_quantizers(proto)
     if layout == "onnxruntime":
         to_onnxruntime_layout(proto)
@@ -269,6 +277,7 @@ def to_onnxruntime_layout(proto: onnx.ModelProto) -> None:
     _merge_duplicate_quantizers(g)
     _insert_output_quantizers(g)
     _relu_zero_points(g)
+    _conv_integer_for_float_outputs(g)
     g.commit()
 
 
@@ -414,6 +423,56 @@ def _relu_zero_points(g: _Graph) -> None:
                     dq.input[2] = zp
 
 
+def _conv_integer_for_float_outputs(g: _Graph) -> None:
+    """Quantized convs whose output stays float: ConvInteger (int32 accumulation) then `* s_x * s_w + bias`.
+
+    This is the "int32 output" of a high-precision last layer: inputs and weights are the
+    int8 codes, only the rescale runs in float, so it matches fake quantization up to float
+    summation order. Weights are shifted to uint8 (zero point 128) for ONNX Runtime's kernel.
+    """
+    for node in list(g.nodes):
+        if node.op_type != "Conv" or len(node.input) < 2:
+            continue
+        if any(c.op_type == "QuantizeLinear" for c in g.consumers.get(node.output[0], [])):
+            continue
+        x_dq, w_dq = g.producer.get(node.input[0]), g.producer.get(node.input[1])
+        if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
+            continue
+        if not _is_activation_pair(g, x_dq) or w_dq.input[0] not in g.inits:
+            continue
+        x_scale, x_zero = g.constants[x_dq.input[1]], g.constants[x_dq.input[2]]
+        w = g.constants[w_dq.input[0]]
+        w_scale = g.constants[w_dq.input[1]].astype(np.float32).reshape(-1)
+        if x_scale.size != 1 or w.dtype != np.int8 or x_zero.dtype != np.uint8 or _axis(w_dq) != 0:
+            continue
+        tag = node.name or node.output[0]
+        w_u8 = g.add_initializer(g.unique(f"{w_dq.input[0]}_u8"), (w.astype(np.int16) + 128).astype(np.uint8))
+        w_zp = g.add_initializer(g.unique(f"{w_dq.input[0]}_u8_zp"), np.array(128, np.uint8))
+        rescale = (np.float32(x_scale.reshape(())) * np.broadcast_to(w_scale, (w.shape[0],))).astype(np.float32)
+        scale_name = g.add_initializer(g.unique(f"{tag}_int32_rescale"), rescale.reshape(1, -1, *([1] * (w.ndim - 2))))
+        acc, acc_f, scaled = g.unique(f"{tag}_int32"), g.unique(f"{tag}_int32_float"), g.unique(f"{tag}_rescaled")
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        new = [
+            helper.make_node("ConvInteger", [x_dq.input[0], w_u8, x_dq.input[2], w_zp], [acc], name=g.unique(f"{tag}_ConvInteger"), **attrs),
+            helper.make_node("Cast", [acc], [acc_f], name=g.unique(f"{tag}_Cast"), to=onnx.TensorProto.FLOAT),
+        ]
+        if len(node.input) > 2 and node.input[2]:
+            bias = g.constants[node.input[2]].astype(np.float32)
+            bias_name = g.add_initializer(g.unique(f"{tag}_bias"), bias.reshape(1, -1, *([1] * (w.ndim - 2))))
+            new += [
+                helper.make_node("Mul", [acc_f, scale_name], [scaled], name=g.unique(f"{tag}_Rescale")),
+                helper.make_node("Add", [scaled, bias_name], [node.output[0]], name=g.unique(f"{tag}_Bias")),
+            ]
+        else:
+            new.append(helper.make_node("Mul", [acc_f, scale_name], [node.output[0]], name=g.unique(f"{tag}_Rescale")))
+        at = g.nodes.index(node)
+        g.nodes[at : at + 1] = new
+        g.reindex()
+    used = {i for n in g.nodes for i in n.input} | g.outputs
+    g.nodes = [n for n in g.nodes if n.op_type != "DequantizeLinear" or n.output[0] in used]
+    g.reindex()
+
+
 @dataclass(frozen=True)
 class ScaleCheck:
     """One exported Q/DQ node matched to its quantizer."""
@@ -436,8 +495,7 @@ def check_qdq_scales(onnx_path: str | Path, model: nn.Module) -> list[ScaleCheck
     for node in g.nodes:
         if node.op_type not in _QUANT_OPS:
             continue
-        scope = module_path(node.name)
-        quantizer = _find_module(model, scope)
+        scope, quantizer = resolve_module(model, node.name)
         if not isinstance(quantizer, TensorQuantizer):
             raise ExportError(f"{node.op_type} '{node.name}' (scale '{node.input[1]}') maps to no quantizer (scope '{scope}')")
         expected = quantizer.scale.detach().cpu().numpy().astype(np.float32).reshape(-1)
@@ -457,27 +515,39 @@ def check_qdq_scales(onnx_path: str | Path, model: nn.Module) -> list[ScaleCheck
     return checked
 
 
-def _find_module(model: nn.Module, path: str) -> nn.Module | None:
-    """`model.get_submodule(path)`, also for the exporter's `_<k>` suffix on a module's k-th extra call."""
-    candidates = [path, re.sub(r"_\d+$", "", path)] if path else []
-    for candidate in candidates:
-        try:
-            return model.get_submodule(candidate)
-        except AttributeError:
-            continue
-    return None
+def _child(module: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
-def module_path(node_name: str) -> str:
-    """The qualified module name of an exported node (`/stem/stem.0/input_quantizer/QuantizeLinear` -> `stem.0.input_quantizer`).
+def resolve_module(model: nn.Module, node_name: str) -> tuple[str, nn.Module | None]:
+    """(qualified module name, module) of an exported node, from its scope-derived name.
 
-    The TorchScript exporter names nodes by module scope; a scope component may repeat its
-    parent's path (`stem.0` under `stem`).
+    The TorchScript exporter names nodes `/a/b/.../Op`; a component may repeat a prefix of the
+    path (`/stem/stem.0/`, `/block/conv1/conv1.0/`), and a module's k-th extra call within one
+    parent scope gets a `_k` suffix (`input_quantizer_1`).
     """
     path = ""
+    module: nn.Module | None = model
     for part in node_name.strip("/").split("/")[:-1]:
-        path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
-    return path
+        if module is None:
+            return path, None
+        last = path.rpartition(".")[2]
+        options = [part]
+        if path:
+            options = [part[len(path) + 1 :]] if part.startswith(path + ".") else []
+            if last and part.startswith(last + "."):
+                options.append(part[len(last) + 1 :])
+            options.append(part)
+        options += [re.sub(r"_\d+$", "", o) for o in options]
+        found = next(((o, c) for o in options if o and (c := _child(module, o)) is not None), None)
+        if found is None:
+            return f"{path}.{part}" if path else part, None
+        path = f"{path}.{found[0]}" if path else found[0]
+        module = found[1]
+    return path, module
 
 
 def _symmetric_zero(zero: npt.NDArray[Any]) -> bool:

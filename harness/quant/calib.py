@@ -178,9 +178,9 @@ def amax_mse(
     counts_t = torch.from_numpy(counts).float()
     edges_t = torch.from_numpy(edges).float()
     centers = (edges_t[1:] + edges_t[:-1]) / 2
-    candidates = torch.arange(start_bin, centers.numel(), stride)
-    if candidates.numel() == 0:
+    if start_bin >= centers.numel():
         raise QuantError(f"mse search has no candidates: {centers.numel()} bins, start_bin {start_bin}")
+    candidates = torch.arange(start_bin, centers.numel(), stride)
     chunk = max(1, _MSE_CHUNK_ELEMENTS // centers.numel())
     best_mse = math.inf
     best = int(candidates[0])

@@ -182,7 +182,7 @@ class _QuantJoin(QuantModule):
 
     def _quantizer_module(self, index: int) -> nn.Module:
         key = str(index)
-        if key in self.input_overrides:  # noqa: SIM401 (ModuleDict has no .get)
+        if key in self.input_overrides:  # ModuleDict has no .get
             return self.input_overrides[key]
         return self.input_quantizer
 

@@ -217,7 +217,7 @@ class TensorQuantizer(nn.Module):
                 raise QuantError(f"quantizer '{self.label}': {err}") from err
             self.collected += 1
             return x
-        if not torch.jit.is_tracing():  # export checks every quantizer beforehand
+        if not torch.onnx.is_in_onnx_export():  # export checks every quantizer beforehand
             self._require_amax()
         return fake_quantize(x, self.amax, self.axis)
 
