@@ -11,6 +11,7 @@ import torch
 from onnx import numpy_helper
 
 from harness import tensorfile
+from harness.datasets.lidar import LidarSweeps
 from harness.errors import ExportError, TensorFileError
 from harness.export import scn_golden
 from harness.export.custom import ScnExport, export_scn, set_attribute
@@ -99,6 +100,7 @@ def _quantized(model: cp.CenterPointSCN, voxels: tuple[torch.Tensor, torch.Tenso
     return q
 
 
+@pytest.mark.slow
 def test_int8_ranges_match_fakequant_pytorch(
         model: cp.CenterPointSCN, voxels: tuple[torch.Tensor, torch.Tensor], reference: torch.Tensor) -> None:
     quantized = _quantized(model, voxels)
@@ -116,17 +118,24 @@ def test_int8_ranges_match_fakequant_pytorch(
 
 
 @pytest.mark.slow
-def test_int8_goal_on_the_ci_profile() -> None:
+def test_goals_on_the_ci_profile_with_lidar_sweeps() -> None:
     model = cp.centerpoint_scn_ci()
-    calib = [cp.random_voxels(cp.CI_GRID, 6000, seed=s) for s in (11, 12)]
-    f, i = cp.random_voxels(cp.CI_GRID, 6000, seed=13)
-    f = f.half().float()
+    calib = [(torch.from_numpy(s.features), torch.from_numpy(s.indices))
+             for s in LidarSweeps(split="train", size=4, seed=1, grid="ci")]
+    sample = LidarSweeps(split="val", size=1, seed=1, grid="ci")[0]
+    f, i = torch.from_numpy(sample.features).half().float(), torch.from_numpy(sample.indices)
     quantized = quantize_scn(model)
     calibrate(quantized, calib, progress=False)
     with torch.no_grad():
         ref = model(f, i)
+        fakequant = quantized(f, i)
+    float_proto = export_scn(model, f, i).model
+    err, cos = _stats(ScnExecutor(float_proto)(f, i), ref)
+    assert err <= 1e-4 and cos >= 0.9999
     proto = export_scn(quantized, f, i).model
-    assert _stats(ScnExecutor(proto, int8=True)(f, i), ref)[1] >= 0.99
+    int8 = ScnExecutor(proto, int8=True)(f, i)
+    assert _stats(int8, ref)[1] >= 0.99
+    assert _stats(int8, fakequant)[0] <= 1e-4
 
 
 def test_bad_indices_name_source_and_row() -> None:

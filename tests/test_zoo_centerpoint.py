@@ -10,6 +10,7 @@ import spconv.pytorch as spconv
 import torch
 from torch import nn
 
+from harness.datasets.lidar import LidarSweeps
 from harness.errors import HarnessError
 from harness.zoo import centerpoint as cp
 
@@ -151,3 +152,19 @@ def test_factory_is_seeded_and_validates() -> None:
         cp.centerpoint_scn(widths=(8, 8))
     with pytest.raises(HarnessError, match="too shallow"):
         cp.centerpoint_scn(grid=(7, 64, 64))
+    with pytest.raises(HarnessError, match="fit_sweeps: the LiDAR dataset has no grid"):
+        cp.centerpoint_scn(grid=(41, 64, 64), fit_sweeps=1)
+
+
+def test_ci_factory_fits_bn_on_lidar_sweeps() -> None:
+    model = cp.centerpoint_scn_ci()
+    assert not any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+    w = model.conv_input.weight
+    assert torch.equal(w, w.half().float())
+    sample = LidarSweeps(split="val", size=1, grid="ci")[0]
+    with torch.no_grad():
+        y = model(torch.from_numpy(sample.features), torch.from_numpy(sample.indices))
+    assert tuple(y.shape) == (1, 256, 23, 23)
+    active = y[y != 0]
+    assert 0.05 < active.numel() / y.numel() < 0.6
+    assert 0.2 < float(active.mean()) < 20
