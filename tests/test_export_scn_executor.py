@@ -225,5 +225,10 @@ def test_rejects_what_the_engine_cannot_run(exported: dict[str, ScnExport]) -> N
     set_attribute(m.graph.node[0], "transposed", 1)
     with pytest.raises(ExportError, match="'conv0': transposed convolution"):
         ScnExecutor(m)
+    m2 = onnx.ModelProto()
+    m2.CopyFrom(exported["zyx"].model)
+    set_attribute(m2.graph.node[1], "precision", "int8")
+    with pytest.raises(ExportError, match="'conv1': int8 needs input_dynamic_range > 0"):
+        ScnExecutor(m2)
     with pytest.raises(ExportError, match="precision must be fp32 or fp16"):
         ScnExecutor(exported["zyx"].model, precision="int8")  # type: ignore[arg-type]

@@ -158,11 +158,16 @@ class ScnExecutor:
         with torch.no_grad():
             conv.weight.copy_(torch.from_numpy(weight.astype(np.float32)))
             conv.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
-        return _Conv(
+        c = _Conv(
             conv, a.get("precision", "fp16"), float(a.get("input_dynamic_range", 0.0)),
             torch.tensor(list(a.get("weight_dynamic_ranges", [])), dtype=torch.float32),
             int(a.get("output_bound", 150000)),
         )
+        if c.precision == "int8" and (c.input_range <= 0 or c.weight_ranges.numel() != cout
+                                      or bool((c.weight_ranges <= 0).any())):
+            raise ExportError(f"{where}: int8 needs input_dynamic_range > 0 and {cout} positive "
+                              "weight_dynamic_ranges")
+        return c
 
     def _store(self, x: torch.Tensor) -> torch.Tensor:
         return x.half().float() if self.precision == "fp16" else x
