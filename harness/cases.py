@@ -99,11 +99,21 @@ class GateSpec(_Strict):
     baseline_tolerance: float | None = Field(None, ge=0)
 
 
+class FidelitySpec(_Strict):
+    """Agreement of this backend with another (real int8 kernels vs fake quantization) over the
+    evaluation set: cosine of every output and the task's prediction agreement."""
+
+    reference: str = "fakequant-int8"
+    cosine_min: float | None = Field(None, ge=-1, le=1)
+    agreement_min: float | None = Field(None, ge=0, le=1)
+
+
 class BackendSpec(_Strict):
-    """Per-backend settings: golden tolerances and metric gates."""
+    """Per-backend settings: golden tolerances, metric gates, fidelity against another backend."""
 
     compare: CompareSpec = Field(default_factory=CompareSpec)
     metric: GateSpec | None = None
+    fidelity: FidelitySpec | None = None
 
 
 CalibratorName = Literal["max", "histogram"]
@@ -190,7 +200,15 @@ class CaseSpec(_Strict):
     backends: dict[BackendName, BackendSpec]
     benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
     stages: dict[str, StageSpec] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the task's trainer")
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fidelity_references(self) -> CaseSpec:
+        for name, spec in self.backends.items():
+            if spec.fidelity is not None and spec.fidelity.reference not in known_backends():
+                raise ValueError(f"backends.{name}.fidelity.reference: unknown backend '{spec.fidelity.reference}'")
+        return self
 
     @field_validator("backends")
     @classmethod

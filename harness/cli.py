@@ -36,7 +36,8 @@ def _schema(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from harness.training.cli import train_case
 
-    return train_case(args)
+    status: int = train_case(args)
+    return status
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--device", default="auto")
     t.add_argument("--workers", type=int, default=None)
-    t.add_argument("--resume", action="store_true")
+    t.add_argument("--time-limit-s", type=float, default=None, help="stop (resumably) after this wall time")
     t.set_defaults(func=_train)
     return p
 

@@ -95,7 +95,7 @@ def _device(choice: str) -> torch.device:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Validate options, create the run state and register item-kind markers."""
-    for marker in ("qharness", "golden", "metric", "benchmark"):
+    for marker in ("qharness", "golden", "metric", "fidelity", "benchmark"):
         config.addinivalue_line("markers", f"{marker}: qharness {marker} items")
     state = HarnessState(config)
     config.stash[_STATE] = state
@@ -157,6 +157,8 @@ class BackendNode(pytest.Collector):
             yield CaseItem.from_parent(self, name=name, kind="golden", stage=stage)
         if self.case.spec.metric is not None:
             yield CaseItem.from_parent(self, name="metric", kind="metric", stage=None)
+        if self.case.spec.backends[self.backend].fidelity is not None:
+            yield CaseItem.from_parent(self, name="fidelity", kind="fidelity", stage=None)
         for stage in stages:
             name = "benchmark" if stages == ("model",) else f"benchmark[{stage}]"
             yield self._benchmark_item(name, stage)
@@ -221,6 +223,8 @@ class CaseItem(pytest.Item):
                 self.qharness_record = run.check_golden(backend, self.stage)
             elif self.kind == "metric":
                 self.qharness_record = run.check_metric(backend)
+            elif self.kind == "fidelity":
+                self.qharness_record = run.check_fidelity(backend)
         except BackendUnavailable as exc:
             self._skip(str(exc))
         except ItemFailure as exc:

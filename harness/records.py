@@ -27,6 +27,7 @@ class Record:
     compare: dict[str, Any] = field(default_factory=dict)
     metric: dict[str, Any] | None = None
     timing: dict[str, Any] | None = None
+    fidelity: dict[str, Any] | None = None
     info: dict[str, str] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
     duration_s: float = 0.0

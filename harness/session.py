@@ -12,7 +12,7 @@ import copy
 import functools
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from harness.factory import FactoryError, resolve
 from harness.golden import GoldenStore
 from harness.program import Program
 from harness.records import Record
-from harness.tasks.base import Dataset, MetricValues, TaskAdapter, task_class
+from harness.tasks.base import Batch, Dataset, MetricValues, TaskAdapter, task_class
 
 REFERENCE_DEVICE = torch.device("cpu")
 
@@ -362,23 +362,81 @@ class CaseRun:
 
     # -- metrics -----------------------------------------------------------------------------
 
-    def metric_values(self, backend: str) -> MetricValues:
-        """Run `backend` end to end over the evaluation dataset and compute the case metric."""
-        accumulator = self.adapter.metric()
-        if accumulator is None:
-            raise self.case.error(f"task '{self.case.spec.task}' has no metric", "metric")
+    def run_batches(self, backend: str, batches: Iterable[Batch]) -> Iterator[tuple[Batch, dict[str, torch.Tensor]]]:
+        """Run `backend` end to end on each batch; outputs come back on the CPU. NaN/Inf in a
+        float output is a MetricError naming the backend, the output and the samples."""
         runner = self.runner(backend)
         program = self.program(self._float_model)
-        batch_size = self.case.spec.data.batch_size
-        for batch in self.adapter.batches(self.dataset(), batch_size):
-            outputs = program.run(batch.inputs, runner.run_stage)
+        for batch in batches:
+            outputs = {k: v.detach().cpu() for k, v in program.run(batch.inputs, runner.run_stage).items()}
             for name, tensor in outputs.items():
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                     bad = int((~torch.isfinite(tensor)).sum())
                     raise MetricError(f"{backend}: output '{name}' has {bad} NaN/Inf values "
                                       f"in samples {', '.join(batch.sample_ids)}")
+            yield batch, outputs
+
+    def eval_batches(self) -> Iterator[Batch]:
+        """The evaluation dataset in metric batches."""
+        return self.adapter.batches(self.dataset(), self.case.spec.data.batch_size)
+
+    def metric_values(self, backend: str) -> MetricValues:
+        """Run `backend` end to end over the evaluation dataset and compute the case metric."""
+        accumulator = self.adapter.metric()
+        if accumulator is None:
+            raise self.case.error(f"task '{self.case.spec.task}' has no metric", "metric")
+        for batch, outputs in self.run_batches(backend, self.eval_batches()):
             accumulator.update(outputs, batch)
         return accumulator.compute()
+
+    def pictures(self, backend: str, count: int = 2) -> dict[str, str]:
+        """Comparison pictures of the first `count` samples (float vs `backend`) in the report
+        folder; returns record artifacts `picture:<file>` -> path."""
+        assert self.options.report_dir is not None
+        batch = next(iter(self.adapter.batches(self.dataset(), count)))
+        outputs = {"float": next(self.run_batches("torch-fp32", [batch]))[1]}
+        if backend != "torch-fp32":
+            outputs[backend] = next(self.run_batches(backend, [batch]))[1]
+        out_dir = self.options.report_dir / "pictures" / self.case.name
+        paths = self.adapter.pictures(batch, outputs, out_dir, backend)
+        return {f"picture:{p.name}": str(p) for p in paths}
+
+    def check_fidelity(self, backend: str) -> Record:
+        """Agreement of `backend` with its fidelity reference over the evaluation set: cosine
+        of every output (accumulated over all batches) and the task's prediction agreement."""
+        started = time.perf_counter()
+        spec = self.case.spec.backends[backend].fidelity
+        assert spec is not None
+        sums: dict[str, list[float]] = {}
+        agree = total = 0
+        pairs = zip(self.run_batches(backend, self.eval_batches()),
+                    self.run_batches(spec.reference, self.eval_batches()), strict=True)
+        for (batch, out), (_, ref) in pairs:
+            for name, tensor in out.items():
+                a, r = tensor.double().reshape(-1), ref[name].double().reshape(-1)
+                acc = sums.setdefault(name, [0.0, 0.0, 0.0])
+                acc[0] += float(a @ r)
+                acc[1] += float(a @ a)
+                acc[2] += float(r @ r)
+            counted = self.adapter.agreement(out, ref, batch)
+            if counted is not None:
+                agree, total = agree + counted[0], total + counted[1]
+        cosine = {n: (d / math.sqrt(na * nr) if na > 0 and nr > 0 else float(na == nr)) for n, (d, na, nr) in sums.items()}
+        agreement = agree / total if total else None
+        record = self._record(backend, "fidelity", None, self._runners.get(backend), started)
+        record.fidelity = {"reference": spec.reference, "cosine": cosine, "agreement": agreement,
+                           "agreeing": agree, "compared": total}
+        problems = []
+        if spec.cosine_min is not None:
+            problems += [f"cosine of '{n}' vs {spec.reference} {c:.6f} < {spec.cosine_min}" for n, c in cosine.items()
+                         if c < spec.cosine_min]
+        if spec.agreement_min is not None and (agreement is None or agreement < spec.agreement_min):
+            shown = "n/a (task has no agreement measure)" if agreement is None else f"{agreement:.6f}"
+            problems.append(f"prediction agreement with {spec.reference} {shown} < {spec.agreement_min}")
+        if problems:
+            record.verdict = "failed"
+            raise ItemFailure(f"{self.case.name}[{backend}] fidelity:\n  " + "\n  ".join(problems), record)
+        return record
 
     def float_metric(self) -> dict[str, Any]:
         """The float model's metric (torch-fp32 on this run's device), cached on disk."""
@@ -417,6 +475,8 @@ class CaseRun:
         )
         record = self._record(backend, "metric", None, self._runners.get(backend), started)
         record.metric = outcome.to_dict(metric.name, values.primary, values.details, float_result["details"])
+        if self.options.report_dir is not None:
+            record.artifacts.update(self.pictures(backend))
         if self.options.update_golden:
             self._store_baseline(backend, values, float_result["values"])
         if not outcome.passed:

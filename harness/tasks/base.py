@@ -88,11 +88,16 @@ class TaskAdapter(abc.ABC):
         """Name of the headline figure of this task's metric (None without a metric)."""
         return None
 
-    def pictures(
-        self, dataset: Dataset, outputs: Mapping[str, Mapping[str, torch.Tensor]], out_dir: Path
-    ) -> list[Path]:
-        """Write comparison pictures of a few samples for each backend's outputs (by backend
-        name, including "float"); return the files written. Default: none."""
+    def agreement(self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], batch: Batch) -> tuple[int, int] | None:
+        """How many task-level predictions of two backends agree on `batch`, out of how many
+        (e.g. argmax pixels); None when the task has no such notion."""
+        return None
+
+    def pictures(self, batch: Batch, outputs: Mapping[str, Mapping[str, torch.Tensor]], out_dir: Path,
+                 prefix: str) -> list[Path]:
+        """Write comparison pictures of `batch` for each backend's outputs (keyed by backend name,
+        "float" for the float model) into `out_dir`, file names starting with `prefix`; return
+        the files written. Default: none."""
         return []
 
 
