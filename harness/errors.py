@@ -17,9 +17,13 @@ class CaseError(HarnessError):
         self.line = line
         self.key = key
         self.detail = message
-        where = str(self.path) if line is None else f"{self.path}:{line}"
-        what = f"key '{key}': " if key else ""
-        super().__init__(f"{where}: {what}{message}")
+        super().__init__(self.render(self.path))
+
+    def render(self, shown_path: Path | str) -> str:
+        """The message with the file shown as `shown_path` (e.g. relative to the project root)."""
+        where = str(shown_path) if self.line is None else f"{shown_path}:{self.line}"
+        what = f"key '{self.key}': " if self.key else ""
+        return f"{where}: {what}{self.detail}"
 
 
 class TensorFileError(HarnessError):

@@ -1,0 +1,180 @@
+"""ONNX Runtime backends: ort-fp32 (float ONNX) and ort-int8 (Q/DQ ONNX, real int8 kernels).
+
+The CUDA execution provider is used when onnxruntime-gpu is installed and the session's device
+is CUDA; otherwise the CPU provider. The provider actually used is reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from harness.backends.base import Backend, PrepareContext, Runner
+from harness.cache import content_key
+from harness.environment import cpu_name, device_name, library_versions
+from harness.export.onnx import OPSET, export_stage
+
+_NP_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def providers_for(device: torch.device) -> list[str]:
+    """Execution providers to request: CUDA first when available and wanted, then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device.type == "cuda" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def make_session(path: Path, device: torch.device, optimized_path: Path | None = None) -> Any:
+    """An InferenceSession with full graph optimisation (optionally saving the optimised graph)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers_for(device))
+
+
+@dataclass
+class OrtRunner(Runner):
+    """One InferenceSession per stage."""
+
+    sessions: dict[str, Any] = field(default_factory=dict)
+
+    def run_stage(self, stage: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Feed numpy copies of the inputs (cast to the graph's input types)."""
+        session = self.sessions[stage]
+        outputs = session.run(None, self._numpy_feeds(session, feeds))
+        names = [o.name for o in session.get_outputs()]
+        return {n: torch.from_numpy(np.asarray(v)) for n, v in zip(names, outputs, strict=True)}
+
+    def timed_call(self, stage: str, feeds: Mapping[str, torch.Tensor]) -> Callable[[], None]:
+        """Inputs bound in advance: numpy arrays on the CPU provider; on the CUDA provider, torch
+        CUDA tensors bound through IOBinding with outputs left on the device (no host copies in
+        the timed region), synchronised before returning."""
+        session = self.sessions[stage]
+        bound = self._numpy_feeds(session, feeds)
+        if session.get_providers()[0] != "CUDAExecutionProvider":
+            def call() -> None:
+                session.run(None, bound)
+            return call
+        binding = session.io_binding()
+        keep = []
+        for name, array in bound.items():
+            tensor = torch.from_numpy(array).cuda()
+            keep.append(tensor)
+            binding.bind_input(name, "cuda", tensor.device.index or 0, array.dtype, list(array.shape),
+                               tensor.data_ptr())
+        for out in session.get_outputs():
+            binding.bind_output(out.name, "cuda")
+
+        def call_cuda() -> None:
+            binding.synchronize_inputs()
+            session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+        call_cuda.keep_alive = keep  # type: ignore[attr-defined]
+        return call_cuda
+
+    @staticmethod
+    def _numpy_feeds(session: Any, feeds: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for inp in session.get_inputs():
+            dtype = _NP_TYPES.get(inp.type, np.float32)
+            out[inp.name] = np.ascontiguousarray(feeds[inp.name].detach().cpu().numpy(), dtype=dtype)
+        return out
+
+    def close(self) -> None:
+        """Drop the sessions."""
+        self.sessions.clear()
+
+
+def export_key(ctx: PrepareContext, flavour: str, feeds: dict[str, dict[str, torch.Tensor]]) -> str:
+    """Cache key of an export: model identity, flavour, input shapes, opset and library versions."""
+    shapes = {s: {n: list(t.shape[1:]) for n, t in f.items()} for s, f in feeds.items()}
+    return content_key("onnx", flavour, ctx.model_key, shapes, OPSET, library_versions())
+
+
+def float_onnx(ctx: PrepareContext) -> dict[str, Path]:
+    """The float ONNX file of every stage, exported once and cached by content hash (shared by
+    ort-fp32 and trt-fp16)."""
+    feeds = ctx.stage_feeds()
+    program = ctx.program(ctx.float_model())
+
+    def build(folder: Path) -> None:
+        for name, stage in program.stages.items():
+            export_stage(stage, feeds[name], folder / f"{name}.onnx")
+
+    folder = ctx.cache.entry(f"{ctx.case.name}/onnx-fp32", export_key(ctx, "fp32", feeds), build)
+    return {name: folder / f"{name}.onnx" for name in program.stages}
+
+
+def qdq_onnx(ctx: PrepareContext, layout: Literal["tensorrt", "onnxruntime"]) -> dict[str, Path]:
+    """The Q/DQ ONNX of every stage of the calibrated model in `layout` (TensorRT's: Q/DQ on conv
+    inputs and weights; ONNX Runtime's: conv outputs quantized too so ORT runs int8 kernels),
+    exported once and cached by model and quantization identity; dim 0 stays dynamic where the
+    stage's batch is."""
+    from harness.export.qdq import export_qdq
+
+    feeds = ctx.stage_feeds()
+
+    def build(folder: Path) -> None:
+        program = ctx.program(ctx.quantized_model())
+        for name, stage in program.stages.items():
+            example = tuple(feeds[name][n] for n in stage.inputs)
+            dynamic = {n: {0: "batch"} for n in (*stage.inputs, *stage.outputs)} if stage.dynamic_batch else None
+            export_qdq(stage.module, example, folder / f"{name}.onnx", layout=layout,
+                       input_names=list(stage.inputs), output_names=list(stage.outputs), dynamic_axes=dynamic)
+
+    key = content_key(export_key(ctx, f"qdq-{layout}", feeds), ctx.quant_key())
+    folder = ctx.cache.entry(f"{ctx.case.name}/onnx-qdq-{layout}", key, build)
+    return {name: folder / f"{name}.onnx" for name in feeds}
+
+
+def session_runner(ctx: PrepareContext, paths: dict[str, Path], precision: str) -> OrtRunner:
+    """Open one session per stage ONNX and describe the provider and device used."""
+    sessions = {stage: make_session(path, ctx.device) for stage, path in paths.items()}
+    provider = next(iter(sessions.values())).get_providers()[0]
+    import onnxruntime as ort
+
+    device = device_name(ctx.device) if provider == "CUDAExecutionProvider" else cpu_name()
+    info = {"provider": f"onnxruntime {ort.__version__} {provider}", "device": device, "precision": precision}
+    return OrtRunner(info=info, artifacts={f"onnx:{s}": str(p) for s, p in paths.items()}, sessions=sessions)
+
+
+class OrtFP32(Backend):
+    """ONNX Runtime on the float ONNX export (one graph per stage)."""
+
+    name = "ort-fp32"
+    precision = "fp32"
+
+    def prepare(self, ctx: PrepareContext) -> Runner:
+        """Export every stage (cached by content hash) and open sessions."""
+        return session_runner(ctx, float_onnx(ctx), "fp32")
+
+
+class OrtInt8(Backend):
+    """ONNX Runtime on the Q/DQ ONNX in ONNX Runtime's layout: QLinearConv / ConvInteger kernels."""
+
+    name = "ort-int8"
+    precision = "int8"
+
+    def prepare(self, ctx: PrepareContext) -> Runner:
+        """Export the calibrated model's stages in the onnxruntime layout (cached) and open sessions."""
+        return session_runner(ctx, qdq_onnx(ctx, "onnxruntime"), "int8 (QDQ, onnxruntime layout)")

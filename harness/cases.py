@@ -1,0 +1,440 @@
+"""Case YAML -> validated `Case`; every error names the file, the line and the key.
+
+A case file describes one model: how to build it (factory + checkpoint), its data, its golden
+folder, quantization, the metric and its gates, and per-backend tolerances. Validation is strict
+(unknown keys, wrong types, duplicate keys, unknown backends, factories that do not import and
+missing files are errors) and uses `yaml.safe_load` semantics only. Profiles (`profiles:`) are
+partial cases deep-merged over the base case; `--profile NAME` selects one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.backends.registry import known_backends
+from harness.errors import CaseError
+from harness.factory import FactoryError, resolve
+
+DEFAULT_PROFILE = "default"
+_ROOT_MARKERS = ("pyproject.toml", "pytest.ini", "setup.cfg", "tox.ini", ".git")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FactorySpec(_Strict):
+    """A callable named "package.module:callable" and its keyword arguments."""
+
+    factory: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_resolves(cls, value: str) -> str:
+        try:
+            resolve(value)
+        except FactoryError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+class ModelSpec(FactorySpec):
+    """How to build the float model."""
+
+    checkpoint: str | None = None
+    seed: int = Field(0, description="torch.manual_seed before building, for checkpoint-less models")
+
+
+class DataOverride(_Strict):
+    """Arguments merged over `data.args` for another split (calibration, training)."""
+
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataSpec(FactorySpec):
+    """The evaluation dataset and the splits derived from it."""
+
+    calibration: DataOverride = Field(default_factory=DataOverride)
+    train: DataOverride = Field(default_factory=DataOverride)
+    batch_size: int = Field(4, ge=1, description="batch size of metric runs")
+
+
+class GoldenSpec(_Strict):
+    """Where golden files live and how many samples they hold."""
+
+    dir: str
+    samples: int = Field(1, ge=1)
+
+
+class ToleranceSpec(_Strict):
+    """Bounds for an output tensor against its golden reference."""
+
+    atol: float | None = Field(None, ge=0)
+    rtol: float | None = Field(None, ge=0)
+    max_mismatch: float = Field(0.0, ge=0, le=1, description="fraction allowed outside atol + rtol*|ref|")
+    cosine_min: float | None = Field(None, ge=-1, le=1)
+    snr_min_db: float | None = None
+
+
+class CompareSpec(ToleranceSpec):
+    """Tolerance for every output, with per-output overrides under `outputs`."""
+
+    outputs: dict[str, ToleranceSpec] = Field(default_factory=dict)
+
+
+class GateSpec(_Strict):
+    """Metric gates of one backend against the float model and its stored baseline."""
+
+    min_ratio: float | None = Field(None, gt=0)
+    max_drop: float | None = Field(None, ge=0)
+    baseline_tolerance: float | None = Field(None, ge=0)
+
+
+class FidelitySpec(_Strict):
+    """Agreement of this backend with another (real int8 kernels vs fake quantization) over the
+    evaluation set: cosine of every output and the task's prediction agreement."""
+
+    reference: str = "fakequant-int8"
+    cosine_min: float | None = Field(None, ge=-1, le=1)
+    agreement_min: float | None = Field(None, ge=0, le=1)
+
+
+class BackendSpec(_Strict):
+    """Per-backend settings: golden tolerances, metric gates, fidelity against another backend."""
+
+    compare: CompareSpec = Field(default_factory=CompareSpec)
+    metric: GateSpec | None = None
+    fidelity: FidelitySpec | None = None
+
+
+CalibratorName = Literal["max", "histogram"]
+MethodName = Literal["percentile", "mse", "entropy"]
+
+
+class ActivationQuantSpec(_Strict):
+    """How activations (module inputs) are calibrated."""
+
+    calibrator: CalibratorName = "histogram"
+    method: MethodName | None = "percentile"
+    percentile: float = Field(99.99, ge=0, le=100)
+    num_bins: int = Field(2048, ge=16)
+    start_bin: int = Field(128, ge=1)
+    stride: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _method_matches(self) -> ActivationQuantSpec:
+        if self.calibrator == "max" and self.method not in (None, "percentile"):
+            raise ValueError(f"method '{self.method}' needs calibrator 'histogram'")
+        return self
+
+
+class WeightQuantSpec(_Strict):
+    """How weights are calibrated (per-channel max by default, as NVIDIA's defaults)."""
+
+    per_channel: bool = True
+    calibrator: Literal["max"] = "max"
+
+
+class QuantSpec(_Strict):
+    """Post-training quantization settings."""
+
+    activations: ActivationQuantSpec = Field(default_factory=ActivationQuantSpec)
+    weights: WeightQuantSpec = Field(default_factory=WeightQuantSpec)
+    include: list[str] = Field(default_factory=lambda: ["*"])
+    exclude: list[str] = Field(default_factory=list)
+    keep_float: list[str] = Field(default_factory=list)
+    rules: list[str] = Field(default_factory=list)
+    fold_bn: bool = True
+    calibration_batches: int = Field(8, ge=1)
+    calibration_batch_size: int = Field(2, ge=1)
+
+
+class MetricSpec(_Strict):
+    """The accuracy metric, which of its figures are gated, and the float model's floor."""
+
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    keys: list[str] = Field(default_factory=list, description="gated figures; default: the metric's primary")
+    float_min: float | dict[str, float] | None = None
+    baseline_tolerance: float = Field(0.002, ge=0)
+
+
+class BenchmarkSpec(_Strict):
+    """Timing settings for benchmark items."""
+
+    warmup: int = Field(10, ge=0)
+    rounds: int = Field(50, ge=1)
+    batch_size: int = Field(1, ge=1)
+
+
+class StageSpec(_Strict):
+    """One separately exported part of a multi-stage model."""
+
+    inputs: list[str]
+    outputs: list[str]
+
+
+BackendName = Annotated[str, Field(description="one of: " + ", ".join(known_backends()))]
+
+
+class CaseSpec(_Strict):
+    """The validated content of a case file (paths still as written)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    task: str
+    model: ModelSpec
+    data: DataSpec
+    golden: GoldenSpec
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    metric: MetricSpec | None = None
+    backends: dict[BackendName, BackendSpec]
+    benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
+    stages: dict[str, StageSpec] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the task's trainer")
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fidelity_references(self) -> CaseSpec:
+        for name, spec in self.backends.items():
+            if spec.fidelity is not None and spec.fidelity.reference not in known_backends():
+                raise ValueError(f"backends.{name}.fidelity.reference: unknown backend '{spec.fidelity.reference}'")
+        return self
+
+    @field_validator("backends")
+    @classmethod
+    def _known_backends(cls, value: dict[str, BackendSpec]) -> dict[str, BackendSpec]:
+        unknown = [name for name in value if name not in known_backends()]
+        if unknown:
+            raise ValueError(f"unknown backend '{unknown[0]}'; known backends: {', '.join(known_backends())}")
+        if not value:
+            raise ValueError("at least one backend is required")
+        return value
+
+    @field_validator("golden", mode="before")
+    @classmethod
+    def _golden_shorthand(cls, value: Any) -> Any:
+        return {"dir": value} if isinstance(value, str) else value
+
+
+class Case:
+    """A validated case with its paths resolved against the project root."""
+
+    def __init__(self, spec: CaseSpec, path: Path, root: Path, profile: str, lines: dict[tuple[str, ...], int]):
+        self.spec = spec
+        self.path = path
+        self.root = root
+        self.profile = profile
+        self._lines = lines
+
+    @property
+    def name(self) -> str:
+        """The case name used in item ids and reports."""
+        return self.spec.name
+
+    @property
+    def golden_dir(self) -> Path:
+        """Golden folder of the selected profile (profiles other than the default get a subfolder
+        unless they set `golden.dir` themselves)."""
+        return self.resolve_path(self.spec.golden.dir)
+
+    @property
+    def checkpoint(self) -> Path | None:
+        """Absolute checkpoint path, or None for seeded initial weights."""
+        ckpt = self.spec.model.checkpoint
+        return None if ckpt is None else self.resolve_path(ckpt)
+
+    def resolve_path(self, value: str) -> Path:
+        """Resolve a path written in the case against the project root."""
+        p = Path(value)
+        return p if p.is_absolute() else self.root / p
+
+    def line_of(self, *key: str) -> int | None:
+        """1-based line of `key` (a path of mapping keys) in the case file, if known."""
+        for n in range(len(key), 0, -1):
+            if key[:n] in self._lines:
+                return self._lines[key[:n]]
+        return None
+
+    def error(self, message: str, *key: str) -> CaseError:
+        """A CaseError naming this case's file, the line of `key` and the dotted key."""
+        return CaseError(self.path, message, line=self.line_of(*key), key=".".join(key) or None)
+
+    def config_hash(self) -> str:
+        """Hash of everything that determines golden inputs and float outputs (model, data, task,
+        golden sample count, stages); tolerances, gates and backends do not enter it."""
+        s = self.spec
+        payload = {
+            "task": s.task,
+            "model": s.model.model_dump(),
+            "data": {"factory": s.data.factory, "args": s.data.args},
+            "golden_samples": s.golden.samples,
+            "stages": {k: v.model_dump() for k, v in s.stages.items()},
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def find_root(path: Path) -> Path:
+    """The nearest ancestor of `path` holding a project marker (pyproject.toml, .git, ...)."""
+    for parent in path.resolve().parents:
+        if any((parent / marker).exists() for marker in _ROOT_MARKERS):
+            return parent
+    return path.resolve().parent
+
+
+def load_case(path: str | Path, *, root: Path | None = None, profile: str = DEFAULT_PROFILE) -> Case:
+    """Load, merge the profile into, and validate a case file.
+
+    Raises CaseError naming the file, line and key for malformed YAML, duplicate or unknown keys,
+    wrong types, unknown backends or profiles, factories that cannot be imported and missing
+    checkpoints.
+    """
+    path = Path(path)
+    root = root or find_root(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CaseError(path, f"cannot read case file: {exc.strerror or exc}") from exc
+    raw, lines = _parse_yaml(path, text)
+    if not isinstance(raw, dict):
+        raise CaseError(path, f"a case file must be a mapping at the top level, got {type(raw).__name__}", line=1)
+    data = _apply_profile(path, raw, profile, lines)
+    if profile != DEFAULT_PROFILE:
+        # Keys the profile sets are reported at their line inside `profiles:`.
+        prefix = ("profiles", profile)
+        lines = {**lines, **{k[2:]: ln for k, ln in lines.items() if k[:2] == prefix and len(k) > 2}}
+    backends = data.get("backends")
+    if isinstance(backends, dict):
+        for name in backends:
+            if name not in known_backends():
+                raise CaseError(path, f"unknown backend '{name}'; known backends: {', '.join(known_backends())}",
+                                line=lines.get(("backends", str(name))), key=f"backends.{name}")
+    try:
+        spec = CaseSpec.model_validate(data)
+    except ValidationError as exc:
+        raise _case_error(path, exc, lines) from None
+    case = Case(spec, path, root, profile, lines)
+    if profile != DEFAULT_PROFILE and "golden" not in spec.profiles.get(profile, {}):
+        golden = spec.golden.model_copy(update={"dir": str(Path(spec.golden.dir) / f"profile-{profile}")})
+        case.spec = spec.model_copy(update={"golden": golden})
+    if case.checkpoint is not None and not case.checkpoint.is_file():
+        raise case.error(f"checkpoint file {case.checkpoint} does not exist", "model", "checkpoint")
+    return case
+
+
+def _apply_profile(path: Path, raw: dict[str, Any], profile: str, lines: dict[tuple[str, ...], int]) -> dict[str, Any]:
+    if profile == DEFAULT_PROFILE:
+        return raw
+    profiles = raw.get("profiles") or {}
+    if not isinstance(profiles, dict) or profile not in profiles:
+        known = [DEFAULT_PROFILE, *(profiles if isinstance(profiles, dict) else [])]
+        raise CaseError(
+            path, f"profile '{profile}' is not defined; known profiles: {', '.join(known)}",
+            line=lines.get(("profiles",)), key="profiles",
+        )
+    override = profiles[profile]
+    if not isinstance(override, dict):
+        raise CaseError(path, "a profile must be a mapping", line=lines.get(("profiles", profile)),
+                        key=f"profiles.{profile}")
+    for forbidden in ("name", "profiles"):
+        if forbidden in override:
+            raise CaseError(path, f"a profile cannot change '{forbidden}'",
+                            line=lines.get(("profiles", profile, forbidden)), key=f"profiles.{profile}.{forbidden}")
+    return deep_merge(raw, override)
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `base` with `override` merged in: mappings merge recursively, others replace."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    pass
+
+
+def _parse_yaml(path: Path, text: str) -> tuple[Any, dict[tuple[str, ...], int]]:
+    try:
+        node = yaml.compose(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise CaseError(path, f"malformed YAML: {problem}", line=line) from None
+    if node is None:
+        raise CaseError(path, "the case file is empty", line=1)
+    lines: dict[tuple[str, ...], int] = {}
+    _record_lines(path, node, (), lines)
+    loader = _UniqueKeyLoader("")
+    try:
+        data = loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise CaseError(path, f"malformed YAML: {exc}", line=mark.line + 1 if mark else None) from None
+    finally:
+        loader.dispose()
+    return data, lines
+
+
+def _record_lines(path: Path, node: yaml.Node, prefix: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            if key in seen:
+                raise CaseError(path, "duplicate key", line=key_node.start_mark.line + 1, key=".".join((*prefix, key)))
+            seen.add(key)
+            lines[(*prefix, key)] = key_node.start_mark.line + 1
+            _record_lines(path, value_node, (*prefix, key), lines)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            lines[(*prefix, str(i))] = item.start_mark.line + 1
+            _record_lines(path, item, (*prefix, str(i)), lines)
+
+
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|none|dict\[.*\]|list\[.*\]|[A-Z]\w*Spec|function-.*)$")
+
+
+def _case_error(path: Path, exc: ValidationError, lines: dict[tuple[str, ...], int]) -> CaseError:
+    found: list[tuple[int | None, str, str]] = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"] if not _TYPE_TAG.match(str(p)))
+        line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        found.append((line, ".".join(loc) or "<top level>", msg))
+    line, key, msg = found[0]
+    if len(found) > 1:
+        msg = f"{msg} (and {len(found) - 1} more)\n  " + "\n  ".join(
+            f"line {ln}: key '{k}': {m}" if ln else f"key '{k}': {m}" for ln, k, m in found
+        )
+    return CaseError(path, msg, line=line, key=key)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of case files (for editor completion: `qharness schema`)."""
+    schema = CaseSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "qharness case"
+    golden = schema["properties"]["golden"]
+    schema["properties"]["golden"] = {"anyOf": [golden, {"type": "string", "description": "shorthand for {dir: ...}"}]}
+    backends = schema["properties"]["backends"]
+    backends["propertyNames"] = {"enum": list(known_backends())}
+    return schema

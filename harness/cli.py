@@ -1,0 +1,84 @@
+"""The `qharness` command: compare tensors, print the case JSON Schema, train zoo models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from harness.compare import Tolerance, compare, nvidia_report
+from harness.errors import HarnessError
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from harness import tensorfile
+
+    actual = tensorfile.load(args.actual)
+    reference = tensorfile.load(args.reference)
+    tolerance = Tolerance(args.atol, args.rtol, args.max_mismatch, args.cosine_min, args.snr_min_db)
+    try:
+        result = compare(actual, reference, tolerance, name=args.actual, allow_reshape=True)
+    except ValueError as exc:
+        print(f"qharness compare: {exc}", file=sys.stderr)
+        return 2
+    print(nvidia_report(result, args.actual, args.reference, detail=args.detail))
+    return 0 if result.passed else 1
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from harness.cases import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from harness.training.cli import train_case
+
+    status: int = train_case(args)
+    return status
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    p = argparse.ArgumentParser(prog="qharness", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compare", help="compare two .tensor/.npy files as NVIDIA's tool/compare.py does")
+    c.add_argument("actual", help="tensor produced by the engine under test (.tensor or .npy)")
+    c.add_argument("reference", help="reference tensor, e.g. from PyTorch (.tensor or .npy)")
+    c.add_argument("--detail", action="store_true", help="per-tensor summaries, error shares, cosine")
+    c.add_argument("--atol", type=float, default=None)
+    c.add_argument("--rtol", type=float, default=None)
+    c.add_argument("--max-mismatch", type=float, default=0.0, help="fraction allowed outside atol + rtol*|ref|")
+    c.add_argument("--cosine-min", type=float, default=None)
+    c.add_argument("--snr-min-db", type=float, default=None)
+    c.set_defaults(func=_compare)
+
+    s = sub.add_parser("schema", help="print the JSON Schema of case files")
+    s.set_defaults(func=_schema)
+
+    t = sub.add_parser("train", help="train a zoo model on its case's dataset (see tools/train.py)")
+    t.add_argument("case", help="case YAML file")
+    t.add_argument("--profile", default="default")
+    t.add_argument("--out", required=True, help="output folder (checkpoints, summary)")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--workers", type=int, default=None)
+    t.add_argument("--time-limit-s", type=float, default=None, help="stop (resumably) after this wall time")
+    t.set_defaults(func=_train)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `qharness` and `python -m harness`; returns the exit status."""
+    args = parser().parse_args(argv)
+    try:
+        status: int = args.func(args)
+    except HarnessError as exc:
+        print(f"qharness {args.command}: {exc}", file=sys.stderr)
+        return 2
+    return status

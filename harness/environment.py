@@ -1,0 +1,74 @@
+"""Facts about this machine and its libraries, for cache keys and reports."""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import platform
+
+import torch
+
+_LIBRARIES = ("torch", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxslim", "tensorrt", "spconv", "qharness")
+
+
+@functools.cache
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries that change numerics or artefacts."""
+    versions = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@functools.cache
+def cpu_flags() -> tuple[str, ...]:
+    """The SIMD features that decide int8 speed on the CPU (AVX2, AVX512, VNNI, AMX)."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "asimddp", "i8mm")
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    present = set(line.split(":", 1)[1].split())
+                    return tuple(f for f in wanted if f in present)
+    except OSError:
+        pass
+    return ()
+
+
+@functools.cache
+def cpu_name() -> str:
+    """The CPU model name, or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """A readable name for a torch device (the GPU model for CUDA)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_name()
+
+
+def thread_count() -> int:
+    """Threads torch uses for intra-op parallelism."""
+    return torch.get_num_threads()
+
+
+def cuda_available() -> bool:
+    """True when torch sees a usable CUDA device."""
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def cuda_visible_devices() -> str | None:
+    """The CUDA_VISIBLE_DEVICES setting of this process, if any."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -1,0 +1,36 @@
+"""Resolve "module:callable" strings from case files into Python objects."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+
+class FactoryError(ValueError):
+    """A "module:callable" spec cannot be resolved; the message says which part failed."""
+
+
+def resolve(spec: str) -> Callable[..., Any]:
+    """Import `module` and return `module.attr[.attr...]` for a spec "module:attr[.attr...]".
+
+    Raises FactoryError (a ValueError) when the spec is malformed, the module cannot be imported
+    or the attribute does not exist or is not callable.
+    """
+    if spec.count(":") != 1:
+        raise FactoryError(f"'{spec}' is not of the form 'package.module:callable'")
+    module_name, attr_path = spec.split(":")
+    if not module_name or not attr_path:
+        raise FactoryError(f"'{spec}' is not of the form 'package.module:callable'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise FactoryError(f"cannot import module '{module_name}': {exc}") from exc
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise FactoryError(f"module '{module_name}' has no attribute '{attr_path}'") from None
+    if not callable(obj):
+        raise FactoryError(f"'{spec}' resolves to a {type(obj).__name__}, which is not callable")
+    return obj  # type: ignore[no-any-return]

@@ -1,0 +1,94 @@
+"""From a case's `quant:` section to the calibrated fake-quant model the int8 backends share.
+
+The float model is copied, BN is folded, layers are swapped for quantized ones and rules make
+quantizers shared (`harness.quant.transform`); activations are calibrated on the case's
+calibration split through the whole program (multi-stage glue included), and the resulting amax
+values are cached on disk keyed by model, quant settings and calibration data.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from harness.cases import QuantSpec
+from harness.errors import QuantError
+from harness.quant.calibrate import calibrate, load_calibration_state
+from harness.quant.rules import ModelCall, get_rule
+from harness.quant.tensor_quantizer import QuantDescriptor
+from harness.quant.transform import QuantConfig, quantize_model
+
+if TYPE_CHECKING:
+    from harness.session import CaseRun
+
+AMAX_FILE = "amax.pt"
+_ERROR_KEYS = (("include", "include"), ("exclude", "exclude"), ("keep_float", "keep_float"), ("rule", "rules"),
+               ("unknown quantization rule", "rules"))
+
+
+def quant_config(spec: QuantSpec) -> QuantConfig:
+    """The library's QuantConfig for a case's quant section (QuantError for unknown rules)."""
+    act = spec.activations
+    activations = QuantDescriptor(
+        calibrator=act.calibrator, method=act.method if act.calibrator == "histogram" else None,
+        percentile=act.percentile, num_bins=act.num_bins, start_bin=act.start_bin, stride=act.stride,
+    )
+    weights = QuantDescriptor(axis=0 if spec.weights.per_channel else None)
+    return QuantConfig(
+        activations=activations, weights=weights, include=tuple(spec.include), exclude=tuple(spec.exclude),
+        keep_float=tuple(spec.keep_float), rules=tuple(get_rule(name) for name in spec.rules), fold_bn=spec.fold_bn,
+    )
+
+
+def program_call(run: CaseRun, inputs: Mapping[str, torch.Tensor]) -> ModelCall:
+    """A batch for the quantization library that runs a model copy through the case's program."""
+    def call(model: nn.Module) -> Any:
+        return run.program(model).run_eager(inputs)
+    return call
+
+
+def calibration_calls(run: CaseRun) -> list[ModelCall]:
+    """One program call per calibration batch (the case's calibration split)."""
+    spec = run.case.spec.quant
+    inputs = run.adapter.calibration_inputs(run.dataset("calibration"), spec.calibration_batch_size,
+                                            spec.calibration_batches)
+    return [program_call(run, batch) for batch in itertools.islice(inputs, spec.calibration_batches)]
+
+
+def calibrated_model(run: CaseRun) -> nn.Module:
+    """The case's model quantized per its quant section and calibrated (amax cached on disk).
+
+    Raises CaseError naming the quant key for patterns or rules that match nothing, and the
+    library's QuantError naming quantizers for calibration problems.
+    """
+    spec = run.case.spec.quant
+    calls = calibration_calls(run)
+    if not calls:
+        raise run.case.error("the calibration split gives no batches", "data", "calibration")
+    try:
+        model = quantize_model(run.float_model(), quant_config(spec), example_inputs=calls[0])
+    except QuantError as exc:
+        key = next((k for prefix, k in _ERROR_KEYS if str(exc).startswith(prefix)), "")
+        raise run.case.error(str(exc), "quant", *([key] if key else [])) from exc
+
+    def build(folder: Path) -> None:
+        state = calibrate(model, calls, num_batches=len(calls), desc=f"calibrate {run.case.name}")
+        torch.save({k: v.cpu() for k, v in state.items()}, folder / AMAX_FILE)
+
+    namespace = f"{run.case.name}/calibration"
+    for attempt in range(2):
+        folder = run.cache.entry(namespace, run.quant_key, build)
+        try:
+            state = torch.load(folder / AMAX_FILE, map_location="cpu", weights_only=True)
+            load_calibration_state(model, state)
+            return model.eval()
+        except (OSError, RuntimeError, QuantError) as exc:
+            if attempt:
+                raise
+            run.cache.invalidate(namespace, run.quant_key, str(exc))
+    raise AssertionError("unreachable")

@@ -1,0 +1,70 @@
+"""`qharness train CASE`: train a case's zoo model on its dataset's train split.
+
+The recipe comes from the case's `training:` section (keyword arguments of the task's trainer),
+overridden by command-line flags; the trainer writes checkpoints (resumable), the final fp16
+state dict and a JSON summary into `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import shlex
+import sys
+from typing import Any
+
+import torch
+
+from harness.cases import load_case
+from harness.errors import HarnessError
+from harness.factory import resolve
+from harness.session import CaseRun, RunOptions
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def recipe(case_training: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The trainer's keyword arguments: the case's `training:` section, then the CLI flags."""
+    kwargs = dict(case_training)
+    for flag in ("steps", "batch_size", "lr", "time_limit_s"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            kwargs[flag] = value
+    if getattr(args, "workers", None) is not None:
+        kwargs["num_workers"] = args.workers
+    return kwargs
+
+
+def train_case(args: argparse.Namespace) -> int:
+    """Train the model of `args.case`; returns the process exit status."""
+    case = load_case(args.case, profile=args.profile)
+    run = CaseRun(case, RunOptions.default(case.root))
+    model_spec = case.spec.model
+    factory = resolve(model_spec.factory)
+    kwargs = recipe(case.spec.training, args)
+    kwargs.update(device=_device(args.device), out_dir=args.out,
+                  command=" ".join(shlex.quote(a) for a in ["qharness", *sys.argv[1:]]))
+    if case.spec.task == "segmentation":
+        from harness.training.segmentation import train_segmentation
+
+        model_args = dict(model_spec.args)
+        if "augment" in inspect.signature(factory).parameters:
+            model_args["augment"] = True
+        kwargs.setdefault("crop", tuple(getattr(run.dataset("train")[0], "image").shape[:2]))
+        kwargs.setdefault("class_names", getattr(run.adapter, "class_names", None))
+        result = train_segmentation(functools.partial(factory, **model_args), run.dataset("train"),
+                                    val_dataset=run.dataset(), **kwargs)
+    elif case.spec.task == "detection3d":
+        from harness.training.detection3d import train_detection3d
+
+        result = train_detection3d(functools.partial(factory, **model_spec.args), run.dataset("train"),
+                                   val_dataset=run.dataset(), **kwargs)
+    else:
+        raise HarnessError(f"{case.path}: no trainer for task '{case.spec.task}'")
+    print(result)
+    return 0
