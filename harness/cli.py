@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from harness.compare import Tolerance, compare, nvidia_report
 from harness.errors import HarnessError
@@ -40,6 +41,16 @@ def _train(args: argparse.Namespace) -> int:
     return status
 
 
+def _record_training(args: argparse.Namespace) -> int:
+    from harness.cases import load_case
+    from harness.training.record import record_training
+
+    case = load_case(args.case, profile=args.profile)
+    path = record_training(case, Path(args.summary))
+    print(f"recorded training of {case.name} in {path}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="qharness", description=__doc__)
@@ -70,6 +81,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=int, default=None)
     t.add_argument("--time-limit-s", type=float, default=None, help="stop (resumably) after this wall time")
     t.set_defaults(func=_train)
+
+    r = sub.add_parser("record-training", help="record a training summary.json in the case's golden meta.json")
+    r.add_argument("case", help="case YAML file")
+    r.add_argument("summary", help="summary.json written by `qharness train`")
+    r.add_argument("--profile", default="default")
+    r.set_defaults(func=_record_training)
     return p
 
 

@@ -30,6 +30,8 @@ from harness.errors import GoldenError, TensorFileError
 FORMAT = 1
 META = "meta.json"
 KINDS = ("inputs", "outputs")
+#: meta.json entries that survive regeneration of the tensors (written by their own commands)
+KEPT_KEYS = ("float_metric", "baselines", "training")
 
 
 def _golden_array(array: np.ndarray) -> np.ndarray:
@@ -108,7 +110,7 @@ class GoldenStore:
         return None
 
     def write(self, tensors: Mapping[str, Mapping[str, np.ndarray]], meta: Mapping[str, Any]) -> None:
-        """Write inputs/outputs tensors then meta.json (keeping stored metrics and baselines).
+        """Write inputs/outputs tensors then meta.json (keeping float metric, baselines, training).
 
         `tensors` maps "inputs"/"outputs" to named arrays. Tensor files that are no longer part of
         the golden set are removed after the new meta.json is in place.
@@ -121,7 +123,7 @@ class GoldenStore:
                     path = self.dir / kind / f"{name}.tensor"
                     tensorfile.save(path, _golden_array(np.asarray(array)))
                     files[f"{kind}/{path.name}"] = _sha256(path)
-            new: dict[str, Any] = {key: old[key] for key in ("float_metric", "baselines") if key in old}
+            new: dict[str, Any] = {key: old[key] for key in KEPT_KEYS if key in old}
             new.update(meta)
             new["format"] = FORMAT
             new["files"] = files

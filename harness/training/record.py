@@ -1,0 +1,41 @@
+"""Record how a case's checkpoint was trained in its golden meta.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from harness.cache import file_sha256
+from harness.cases import Case
+from harness.errors import HarnessError
+from harness.golden import GoldenStore
+from harness.session import regenerate_command
+
+_DROPPED = ("history",)
+
+
+def record_training(case: Case, summary_path: Path) -> Path:
+    """Copy `summary_path` (minus the per-step history) into meta.json's `training` entry (the
+    golden files must exist: generate them first with --update-golden).
+
+    The summary's `weights_sha256` must equal the case checkpoint's sha256, so the record always
+    describes the checkpoint the case uses. Returns the meta.json path.
+    """
+    try:
+        summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise HarnessError(f"{summary_path}: cannot read training summary: {exc}") from exc
+    if case.checkpoint is None:
+        raise case.error("the case has no checkpoint to record training for", "model", "checkpoint")
+    actual = file_sha256(case.checkpoint)
+    if summary.get("weights_sha256") != actual:
+        raise HarnessError(f"{summary_path}: weights_sha256 {summary.get('weights_sha256')} does not match "
+                           f"{case.checkpoint} ({actual})")
+    store = GoldenStore(case.golden_dir, regenerate_command(case))
+
+    def change(meta: dict[str, Any]) -> None:
+        meta["training"] = {k: v for k, v in summary.items() if k not in _DROPPED}
+
+    store.update_meta(change)
+    return store.meta_path
