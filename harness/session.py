@@ -268,6 +268,9 @@ class CaseRun:
 
     def unavailable_reason(self, backend: str) -> str | None:
         """The skip reason for `backend` on this run's device, or None when it can run."""
+        reason = self.adapter.unsupported_backends().get(backend)
+        if reason:
+            return reason
         try:
             return backend_class(backend)().unavailable_reason(self.options.device)
         except FactoryError as exc:

@@ -80,6 +80,11 @@ class TaskAdapter(abc.ABC):
                 break
             yield batch.inputs
 
+    def unsupported_backends(self) -> Mapping[str, str]:
+        """Backends that cannot run this task's models at all, with the skip reason (e.g. a
+        graph of custom ops that ONNX Runtime has no kernels for). Default: none."""
+        return {}
+
     def metric(self) -> MetricAccumulator | None:
         """A fresh accumulator for the case's metric, or None when the task has none."""
         return None
