@@ -19,7 +19,7 @@ from torch import nn
 from harness.cases import QuantSpec
 from harness.errors import QuantError
 from harness.quant.calibrate import calibrate, load_calibration_state
-from harness.quant.rules import ModelCall, get_rule
+from harness.quant.rules import ModelCall, QuantConfigError, get_rule
 from harness.quant.tensor_quantizer import QuantDescriptor
 from harness.quant.transform import QuantConfig, quantize_model
 
@@ -27,21 +27,26 @@ if TYPE_CHECKING:
     from harness.session import CaseRun
 
 AMAX_FILE = "amax.pt"
-_ERROR_KEYS = (("include", "include"), ("exclude", "exclude"), ("keep_float", "keep_float"), ("rule", "rules"),
-               ("unknown quantization rule", "rules"))
 
 
 def quant_config(spec: QuantSpec) -> QuantConfig:
-    """The library's QuantConfig for a case's quant section (QuantError for unknown rules)."""
+    """The library's QuantConfig for a case's quant section (QuantConfigError with the index of
+    an unknown rule)."""
     act = spec.activations
     activations = QuantDescriptor(
         calibrator=act.calibrator, method=act.method if act.calibrator == "histogram" else None,
         percentile=act.percentile, num_bins=act.num_bins, start_bin=act.start_bin, stride=act.stride,
     )
     weights = QuantDescriptor(axis=0 if spec.weights.per_channel else None)
+    rules = []
+    for index, name in enumerate(spec.rules):
+        try:
+            rules.append(get_rule(name))
+        except QuantConfigError as exc:
+            raise QuantConfigError(str(exc), "rules", index) from exc
     return QuantConfig(
         activations=activations, weights=weights, include=tuple(spec.include), exclude=tuple(spec.exclude),
-        keep_float=tuple(spec.keep_float), rules=tuple(get_rule(name) for name in spec.rules), fold_bn=spec.fold_bn,
+        keep_float=tuple(spec.keep_float), rules=tuple(rules), fold_bn=spec.fold_bn,
     )
 
 
@@ -63,8 +68,9 @@ def calibration_calls(run: CaseRun) -> list[ModelCall]:
 def calibrated_model(run: CaseRun) -> nn.Module:
     """The case's model quantized per its quant section and calibrated (amax cached on disk).
 
-    Raises CaseError naming the quant key for patterns or rules that match nothing, and the
-    library's QuantError naming quantizers for calibration problems.
+    Raises CaseError naming the quant key and entry (`quant.keep_float.1`, `quant.rules.0`) for
+    unknown rules, patterns or rules that match nothing and rules that conflict with keep_float,
+    and the library's QuantError naming quantizers for calibration problems.
     """
     spec = run.case.spec.quant
     calls = calibration_calls(run)
@@ -72,9 +78,9 @@ def calibrated_model(run: CaseRun) -> nn.Module:
         raise run.case.error("the calibration split gives no batches", "data", "calibration")
     try:
         model = quantize_model(run.float_model(), quant_config(spec), example_inputs=calls[0])
-    except QuantError as exc:
-        key = next((k for prefix, k in _ERROR_KEYS if str(exc).startswith(prefix)), "")
-        raise run.case.error(str(exc), "quant", *([key] if key else [])) from exc
+    except QuantConfigError as exc:
+        entry = [] if exc.index is None else [str(exc.index)]
+        raise run.case.error(str(exc), "quant", exc.key, *entry) from exc
 
     def build(folder: Path) -> None:
         state = calibrate(model, calls, num_batches=len(calls), desc=f"calibrate {run.case.name}")

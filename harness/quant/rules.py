@@ -7,12 +7,25 @@ an error naming the rule. Sharing is global: merging quantizer B into A replaces
 quantized input of the model, so rules compose (e.g. `shared_input` then `shared_concat` gives a
 concat the quantizer of every layer that reads any of its inputs).
 
+A rule may also say which layers it acts on (`targets(model, graph)`, see `TargetedRule`),
+quantized or not: `quantize_model` then reports a layer that a rule would share but a
+`keep_float` pattern keeps float as a conflict naming the rule, the layer and the pattern.
+
 Built-in rules (`RULES`, looked up by `get_rule(name)`):
 
 * `shared_input`: quantized inputs that read the same tensor share one quantizer (found by
-  tracing the model with forward hooks that record tensor identity);
+  tracing the model with forward hooks that record tensor identity); a tensor read by quantized
+  layers and by a layer kept float is a conflict (a group of readers that are all float is not);
 * `shared_concat`: all inputs of each `QuantConcat` share one quantizer;
-* `shared_add`: all inputs of each `QuantAdd` share one quantizer.
+* `shared_add`: all inputs of each `QuantAdd` share one quantizer (an input a rule left
+  unquantized, such as the branch of a residual add, stays unquantized);
+* `bottleneck_residual`: the deployment guides' residual trick for every ResNet `BasicBlock` /
+  `Bottleneck` of `harness.zoo.resnet`: the downsample conv shares conv1's input quantizer (both
+  read the block input); the identity enters the add through a residual quantizer (conv1's
+  input quantizer without a downsample, a new one on the downsample output with one) and the
+  branch input of the add (the last conv's output) stays unquantized, so TensorRT fuses the add
+  into that conv with an int8 identity. A block whose conv1, downsample conv and add are not
+  all quantized (or all float) is an error naming it.
 
 Tracing sees module calls only: a tensor consumed by a functional op (`x + y`) is invisible,
 which is why models write joins through `harness.zoo.ops`.
@@ -22,16 +35,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from harness.errors import QuantError
-from harness.quant.modules import QuantAdd, QuantConcat, QuantModule, quant_modules
+from harness.quant.modules import QuantAdd, QuantConcat, QuantConv2d, QuantModule, quant_modules
 from harness.quant.tensor_quantizer import QuantMode, TensorQuantizer
+from harness.zoo import ops
+from harness.zoo.resnet import BasicBlock, Bottleneck
 
 ModelCall = Callable[[nn.Module], Any]
+
+
+class QuantConfigError(QuantError):
+    """A quantization setting is at fault: `key` names it ("include", "exclude", "keep_float",
+    "rules") and `index` the entry of that list (None: the setting as a whole)."""
+
+    def __init__(self, message: str, key: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.index = index
+
 Batch = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | ModelCall
 
 
@@ -141,6 +167,19 @@ class Rule(Protocol):
     def apply(self, model: nn.Module, graph: TraceGraph | None) -> int: ...
 
 
+@runtime_checkable
+class TargetedRule(Protocol):
+    """A rule that can say which layers it would act on, quantized or kept float (for conflicts).
+
+    `graph`, when given, traces every quantized layer and every layer of a quantizable type.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    def targets(self, model: nn.Module, graph: TraceGraph | None) -> list[str]: ...
+
+
 def replace_quantizer(model: nn.Module, old: TensorQuantizer, new: TensorQuantizer) -> int:
     """Use `new` wherever an input of a quantized layer uses `old`; returns how many inputs changed."""
     if old is new:
@@ -180,7 +219,7 @@ def share(model: nn.Module, quantizers: Iterable[TensorQuantizer]) -> TensorQuan
 
 def _require_graph(rule: str, graph: TraceGraph | None) -> TraceGraph:
     if graph is None:
-        raise QuantError(f"rule '{rule}' needs example inputs to trace the model")
+        raise QuantConfigError(f"rule '{rule}' needs example inputs to trace the model", "rules")
     return graph
 
 
@@ -203,9 +242,33 @@ class SharedInput:
                 share(model, found)
         return matched
 
+    def targets(self, model: nn.Module, graph: TraceGraph | None) -> list[str]:
+        """Every reader of a tensor that quantized layers read and at least one other layer of a
+        quantizable type reads too (quantized or float)."""
+        graph = _require_graph(self.name, graph)
+        modules = dict(model.named_modules())
+        found: list[str] = []
+        for readers in graph.readers().values():
+            slots = [(n, modules[n], i) for n, i in readers if n in modules and _reads_quantizable(modules[n], i)]
+            quantized = [m for _, m, i in slots if isinstance(m, QuantModule) and m.get_input_quantizer(i) is not None]
+            if len(slots) >= 2 and quantized:
+                found += [n for n, _, _ in slots if n not in found]
+        return found
+
 
 def _has_input(module: QuantModule, index: int) -> bool:
     return module.num_quantized_inputs is None or index < module.num_quantized_inputs
+
+
+def _reads_quantizable(module: nn.Module, index: int) -> bool:
+    """True when positional input `index` of `module` is (or would be, once quantized) quantized."""
+    if isinstance(module, QuantModule):
+        return _has_input(module, index)
+    if isinstance(module, ops.Concat):
+        return True
+    if isinstance(module, ops.Add):
+        return index < 2
+    return index == 0
 
 
 @dataclass(frozen=True)
@@ -223,6 +286,12 @@ class _SharedJoin:
                 share(model, module.input_quantizers())
         return matched
 
+    def targets(self, model: nn.Module, graph: TraceGraph | None) -> list[str]:
+        """Every join of this kind, quantized or float."""
+        del graph
+        float_kind = ops.Concat if self.kind is QuantConcat else ops.Add
+        return [n for n, m in model.named_modules() if n and isinstance(m, (self.kind, float_kind))]
+
 
 def shared_concat() -> Rule:
     """All inputs of each QuantConcat share one quantizer."""
@@ -234,15 +303,80 @@ def shared_add() -> Rule:
     return _SharedJoin("shared_add", QuantAdd)
 
 
+@dataclass(frozen=True)
+class _BlockParts:
+    """The layers of one residual block the residual rule acts on (None: the block has no downsample)."""
+
+    block: str
+    conv1: str
+    downsample: str | None
+    add: str
+
+
+def _residual_blocks(model: nn.Module) -> list[_BlockParts]:
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, BasicBlock | Bottleneck):
+            prefix = f"{name}." if name else ""
+            down = f"{prefix}downsample.0" if module.downsample is not None else None
+            found.append(_BlockParts(name, f"{prefix}conv1", down, f"{prefix}add"))
+    return found
+
+
+@dataclass(frozen=True)
+class BottleneckResidual:
+    """Residual quantizers for ResNet blocks (see the module docstring)."""
+
+    name: str = "bottleneck_residual"
+    needs_trace: bool = False
+
+    def apply(self, model: nn.Module, graph: TraceGraph | None) -> int:
+        del graph
+        matched = 0
+        for block in _residual_blocks(model):
+            conv1, add = model.get_submodule(block.conv1), model.get_submodule(block.add)
+            down = model.get_submodule(block.downsample) if block.downsample else None
+            parts = {block.conv1: conv1, block.add: add, **({block.downsample: down} if block.downsample else {})}
+            floats = [n for n, m in parts.items() if not isinstance(m, QuantModule)]
+            if len(floats) == len(parts):
+                continue
+            if floats:
+                raise QuantConfigError(
+                    f"rule '{self.name}': block '{block.block}' is partly quantized "
+                    f"({', '.join(floats)} float); quantize its conv1, downsample conv and add together or not at all",
+                    "rules",
+                )
+            assert isinstance(conv1, QuantConv2d) and isinstance(add, QuantAdd)
+            shared = conv1.get_input_quantizer(0)
+            if shared is None:
+                raise QuantConfigError(f"rule '{self.name}': '{block.conv1}' has no input quantizer to share", "rules")
+            if isinstance(down, QuantConv2d):
+                share(model, [shared, *down.input_quantizers()])
+                residual = TensorQuantizer(shared.descriptor)
+            else:
+                residual = shared
+            add.set_input_quantizer(0, None)
+            add.set_input_quantizer(1, residual)
+            matched += 1
+        return matched
+
+    def targets(self, model: nn.Module, graph: TraceGraph | None) -> list[str]:
+        """conv1, the downsample conv and the add of every block."""
+        del graph
+        return [n for b in _residual_blocks(model) for n in (b.conv1, b.downsample, b.add) if n is not None]
+
+
 RULES: dict[str, Callable[[], Rule]] = {
     "shared_input": SharedInput,
     "shared_concat": shared_concat,
     "shared_add": shared_add,
+    "bottleneck_residual": BottleneckResidual,
 }
 
 
 def get_rule(name: str) -> Rule:
-    """The built-in rule called `name`; unknown names raise `QuantError` listing the known ones."""
+    """The built-in rule called `name`; unknown names raise `QuantConfigError` (key "rules")
+    listing the known ones."""
     if name not in RULES:
-        raise QuantError(f"unknown quantization rule '{name}' (known: {', '.join(sorted(RULES))})")
+        raise QuantConfigError(f"unknown quantization rule '{name}' (known: {', '.join(sorted(RULES))})", "rules")
     return RULES[name]()

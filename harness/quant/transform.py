@@ -8,14 +8,18 @@ then the configured rules run. Quantizers start uncalibrated (see `harness.quant
 
 Name patterns are fnmatch patterns matched against module names (`backbone.layer1.0.conv1`);
 a pattern also matches every module below a matching module (`head` covers `head.cls.conv`).
-A pattern that matches no module, or a rule that matches nothing, is a `QuantError` naming it.
+`exclude` takes layers out of scope (rules ignore them); `keep_float` keeps layers in scope float,
+so a rule that would share a kept-float layer's input quantizer (see `rules.TargetedRule`) is a
+conflict. A pattern that matches no module, a rule that matches nothing and a conflict are
+`QuantConfigError`s naming the rule and the pattern, with the setting and list index at fault.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -34,7 +38,14 @@ from harness.quant.modules import (
     QuantModule,
     quant_modules,
 )
-from harness.quant.rules import Batch, Rule, TraceGraph, trace_modules
+from harness.quant.rules import (
+    Batch,
+    QuantConfigError,
+    Rule,
+    TargetedRule,
+    TraceGraph,
+    trace_modules,
+)
 from harness.quant.tensor_quantizer import QuantDescriptor, TensorQuantizer
 from harness.zoo import ops
 
@@ -72,25 +83,62 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_inputs: Batch 
     model = copy.deepcopy(model)
     names = [n for n, _ in model.named_modules() if n]
     for kind, patterns in (("include", config.include), ("exclude", config.exclude), ("keep_float", config.keep_float)):
-        for pattern in patterns:
+        for index, pattern in enumerate(patterns):
             if not any(_matches(n, (pattern,)) for n in names):
-                raise QuantError(f"{kind} pattern '{pattern}' matches no module")
+                raise QuantConfigError(f"{kind} pattern '{pattern}' matches no module", kind, index)
     if config.fold_bn:
         fold_conv_bn(model, example_inputs)
+    kept: dict[str, int] = {}
     for name, module in list(model.named_modules()):
         if not name or type(module) not in FLOAT_TYPES:
             continue
-        if not _matches(name, config.include) or _matches(name, config.exclude) or _matches(name, config.keep_float):
+        if not _matches(name, config.include) or _matches(name, config.exclude):
+            continue
+        keeping = next((i for i, p in enumerate(config.keep_float) if _matches(name, (p,))), None)
+        if keeping is not None:
+            kept[name] = keeping
             continue
         _set_submodule(model, name, _quantized(module, config))
     graph: TraceGraph | None = None
     if any(rule.needs_trace for rule in config.rules) and example_inputs is not None:
-        graph = trace_modules(model, example_inputs, lambda m: isinstance(m, QuantModule))
-    for rule in config.rules:
-        if rule.apply(model, graph) == 0:
-            raise QuantError(f"rule '{rule.name}' matched nothing")
+        graph = trace_modules(model, example_inputs, lambda m: isinstance(m, QuantModule) or type(m) in FLOAT_TYPES)
+    for index, rule in enumerate(config.rules):
+        with _rule_errors(index):
+            _check_conflicts(model, graph, rule, kept, config.keep_float)
+    for index, rule in enumerate(config.rules):
+        with _rule_errors(index):
+            if rule.apply(model, graph) == 0:
+                raise QuantConfigError(f"rule '{rule.name}' matched nothing", "rules", index)
     name_quantizers(model)
     return model
+
+
+@contextlib.contextmanager
+def _rule_errors(index: int) -> Iterator[None]:
+    """Give a rule's own QuantConfigError (key "rules", no index) the rule's position."""
+    try:
+        yield
+    except QuantConfigError as exc:
+        if exc.key == "rules" and exc.index is None:
+            raise QuantConfigError(str(exc), "rules", index) from exc
+        raise
+
+
+def _check_conflicts(
+    model: nn.Module, graph: TraceGraph | None, rule: Rule, kept: dict[str, int], keep_float: Sequence[str]
+) -> None:
+    """QuantConfigError (key "keep_float") for the first layer `rule` would act on that keep_float keeps float."""
+    if not kept or not isinstance(rule, TargetedRule):
+        return
+    for name in rule.targets(model, graph):
+        if name in kept:
+            index = kept[name]
+            raise QuantConfigError(
+                f"rule '{rule.name}' conflicts with keep_float pattern '{keep_float[index]}': the rule would share "
+                f"the input quantizer of '{name}', which the pattern keeps float (narrow the pattern, or move the "
+                "layer to `exclude` to take it out of the rules' scope)",
+                "keep_float", index,
+            )
 
 
 def name_quantizers(model: nn.Module) -> None:
