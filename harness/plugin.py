@@ -1,8 +1,9 @@
 """pytest hooks: options, collection of case YAML files, items, failure text, summary, reports.
 
 Items are `<case file>::<case>[<backend>]::<kind>` with kinds `golden` (one per stage:
-`golden[<stage>]` for multi-stage cases), `metric` and `benchmark`. The real work is done by
-`harness.session.CaseRun`; this module only adapts it to pytest.
+`golden[<stage>]` for multi-stage cases), `rules` (under fakequant-int8 when the case's quant
+section names rules: the exported Q/DQ graph obeys them), `metric`, `fidelity` and `benchmark`.
+The real work is done by `harness.session.CaseRun`; this module only adapts it to pytest.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def _device(choice: str) -> torch.device:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Validate options, create the run state and register item-kind markers."""
-    for marker in ("qharness", "golden", "metric", "fidelity", "benchmark"):
+    for marker in ("qharness", "golden", "rules", "metric", "fidelity", "benchmark"):
         config.addinivalue_line("markers", f"{marker}: qharness {marker} items")
     state = HarnessState(config)
     config.stash[_STATE] = state
@@ -150,11 +151,14 @@ class BackendNode(pytest.Collector):
         self.run = run
 
     def collect(self) -> Iterator[pytest.Item]:
-        """golden (per stage), metric (if the case has one), benchmark."""
+        """golden (per stage), rules (fakequant-int8 of a case with quant rules), metric (if the
+        case has one), fidelity (if the backend has a fidelity section), benchmark (per stage)."""
         stages = self.run.stage_names if self.case.spec.stages else ("model",)
         for stage in stages:
             name = "golden" if stages == ("model",) else f"golden[{stage}]"
             yield CaseItem.from_parent(self, name=name, kind="golden", stage=stage)
+        if self.backend == "fakequant-int8" and self.case.spec.quant.rules:
+            yield CaseItem.from_parent(self, name="rules", kind="rules", stage=None)
         if self.case.spec.metric is not None:
             yield CaseItem.from_parent(self, name="metric", kind="metric", stage=None)
         if self.case.spec.backends[self.backend].fidelity is not None:
@@ -196,7 +200,7 @@ class BenchmarkItem(pytest.Function):
 
 
 class CaseItem(pytest.Item):
-    """A golden, metric or benchmark check of one case on one backend."""
+    """A golden, rules, metric or fidelity check of one case on one backend."""
 
     def __init__(self, *, kind: str, stage: str | None, **kwargs: Any):
         super().__init__(**kwargs)
@@ -225,6 +229,8 @@ class CaseItem(pytest.Item):
                 self.qharness_record = run.check_metric(backend)
             elif self.kind == "fidelity":
                 self.qharness_record = run.check_fidelity(backend)
+            elif self.kind == "rules":
+                self.qharness_record = run.check_rules(backend)
         except BackendUnavailable as exc:
             self._skip(str(exc))
         except ItemFailure as exc:

@@ -14,7 +14,9 @@ class Record:
 
     `verdict` is "passed", "failed" or "skipped" (with `reason`); `compare` maps output names to
     compare statistics, `metric` holds metric, value, float_value, ratio and gate details,
-    `timing` benchmark figures, `info` the provider/device/precision, `artifacts` file paths.
+    `timing` benchmark figures, `fidelity` the agreement with another backend, `rules` the
+    quantization rule report (`harness.export.inspect.RuleReport.to_dict`), `info` the
+    provider/device/precision, `artifacts` file paths.
     """
 
     case: str
@@ -28,6 +30,7 @@ class Record:
     metric: dict[str, Any] | None = None
     timing: dict[str, Any] | None = None
     fidelity: dict[str, Any] | None = None
+    rules: dict[str, Any] | None = None
     info: dict[str, str] = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
     duration_s: float = 0.0

@@ -156,6 +156,8 @@ def markdown(records: Sequence[Record], out_dir: Path) -> str:
     for case, rs in by_case.items():
         parts += ["", f"## {case}"]
         parts += _info_table(rs)
+        parts += _fidelity_table(rs)
+        parts += _rules_section(rs)
         parts += _per_class_table(rs)
         parts += _pictures(rs, out_dir)
         failures = [r for r in rs if r.verdict == "failed"]
@@ -176,6 +178,36 @@ def _info_table(records: Sequence[Record]) -> list[str]:
         return []
     return ["", tabulate(list(rows.values()), headers=["backend", "provider", "device", "precision"],
                          tablefmt="github")]
+
+
+def _fidelity_table(records: Sequence[Record]) -> list[str]:
+    rows = []
+    for r in records:
+        if r.item != "fidelity" or not r.fidelity:
+            continue
+        ref = r.fidelity.get("reference", "-")
+        for stage, outputs in (r.fidelity.get("stages") or {"end to end": r.fidelity.get("cosine", {})}).items():
+            rows += [[r.backend, ref, stage, name, _cosine_cell(c)] for name, c in outputs.items()]
+        if r.fidelity.get("stages"):
+            rows += [[r.backend, ref, "end to end", name, _cosine_cell(c)] for name, c in r.fidelity.get("cosine", {}).items()]
+    if not rows:
+        return []
+    return ["", "### Fidelity", "", tabulate(rows, headers=["backend", "reference", "stage", "output", "cosine"],
+                                             tablefmt="github", disable_numparse=True)]
+
+
+def _cosine_cell(x: Any) -> str:
+    return f"{x:.6f}" if isinstance(x, (int, float)) else str(x)
+
+
+def _rules_section(records: Sequence[Record]) -> list[str]:
+    from harness.export.inspect import RuleReport
+
+    out = []
+    for r in records:
+        if r.item == "rules" and r.rules:
+            out += ["", f"### Quantization rules ({r.backend}, {r.verdict})", "", *RuleReport.from_dict(r.rules).markdown()]
+    return out
 
 
 def _per_class_table(records: Sequence[Record]) -> list[str]:

@@ -62,12 +62,30 @@ class ItemFailure(HarnessError):
         self.record = record
 
 
+StageIO = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+"""A stage's feeds and outputs in one run."""
+
+
 @dataclass
 class StageRecord:
     """Feeds and outputs of one stage in the reference run (CPU numpy arrays)."""
 
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _accumulate(acc: list[float], actual: torch.Tensor, reference: torch.Tensor) -> None:
+    """Add a <a, r>, <a, a> and <r, r> of one tensor pair to `acc` (float64)."""
+    a, r = actual.double().reshape(-1), reference.double().reshape(-1)
+    acc[0] += float(a @ r)
+    acc[1] += float(a @ a)
+    acc[2] += float(r @ r)
+
+
+def _cosine(acc: list[float]) -> float:
+    """Cosine from accumulated products; 1 when both sides are zero, 0 when only one is."""
+    dot, na, nr = acc
+    return dot / math.sqrt(na * nr) if na > 0 and nr > 0 else float(na == nr)
 
 
 def regenerate_command(case: Case) -> str:
@@ -276,18 +294,21 @@ class CaseRun:
         except FactoryError as exc:
             return f"{backend} is not available: {exc}"
 
+    def prepare_context(self) -> PrepareContext:
+        """What backends (and the rules item's export) may use to build their artefacts."""
+        return PrepareContext(
+            case=self.case, cache=self.cache, device=self.options.device, program=self.program,
+            float_model=self.float_model, quantized_model=self.quantized_model,
+            stage_feeds=self.stage_feeds, model_key=self.model_key, quant_key=lambda: self.quant_key,
+        )
+
     def runner(self, backend: str) -> Runner:
         """The prepared runner of `backend` (built once per run; artefacts cached on disk)."""
         if backend not in self._runners:
             reason = self.unavailable_reason(backend)
             if reason:
                 raise BackendUnavailable(reason)
-            ctx = PrepareContext(
-                case=self.case, cache=self.cache, device=self.options.device, program=self.program,
-                float_model=self.float_model, quantized_model=self.quantized_model,
-                stage_feeds=self.stage_feeds, model_key=self.model_key, quant_key=lambda: self.quant_key,
-            )
-            self._runners[backend] = backend_class(backend)().prepare(ctx)
+            self._runners[backend] = backend_class(backend)().prepare(self.prepare_context())
         return self._runners[backend]
 
     def release(self, backend: str) -> None:
@@ -368,16 +389,31 @@ class CaseRun:
     def run_batches(self, backend: str, batches: Iterable[Batch]) -> Iterator[tuple[Batch, dict[str, torch.Tensor]]]:
         """Run `backend` end to end on each batch; outputs come back on the CPU. NaN/Inf in a
         float output is a MetricError naming the backend, the output and the samples."""
+        for batch, outputs, _ in self._run(backend, batches, record_stages=False):
+            yield batch, outputs
+
+    def _run(self, backend: str, batches: Iterable[Batch], *,
+             record_stages: bool) -> Iterator[tuple[Batch, dict[str, torch.Tensor], dict[str, StageIO]]]:
+        """`run_batches`, also yielding each stage's feeds and outputs (CPU) when `record_stages`."""
         runner = self.runner(backend)
         program = self.program(self._float_model)
         for batch in batches:
-            outputs = {k: v.detach().cpu() for k, v in program.run(batch.inputs, runner.run_stage).items()}
+            stages: dict[str, StageIO] = {}
+
+            def call(stage: str, feeds: dict[str, torch.Tensor], stages: dict[str, StageIO] = stages) -> dict[str, torch.Tensor]:
+                outputs = runner.run_stage(stage, feeds)
+                stages[stage] = ({k: v.detach().cpu() for k, v in feeds.items()},
+                                 {k: v.detach().cpu() for k, v in outputs.items()})
+                return outputs
+
+            run_stage = call if record_stages else runner.run_stage
+            outputs = {k: v.detach().cpu() for k, v in program.run(batch.inputs, run_stage).items()}
             for name, tensor in outputs.items():
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                     bad = int((~torch.isfinite(tensor)).sum())
                     raise MetricError(f"{backend}: output '{name}' has {bad} NaN/Inf values "
                                       f"in samples {', '.join(batch.sample_ids)}")
-            yield batch, outputs
+            yield batch, outputs, stages
 
     def eval_batches(self) -> Iterator[Batch]:
         """The evaluation dataset in metric batches."""
@@ -406,39 +442,75 @@ class CaseRun:
 
     def check_fidelity(self, backend: str) -> Record:
         """Agreement of `backend` with its fidelity reference over the evaluation set: cosine
-        of every output (accumulated over all batches) and the task's prediction agreement."""
+        of every output (accumulated over all batches) and the task's prediction agreement.
+
+        Multi-stage programs also get a cosine per stage output, each stage of `backend` fed with
+        the reference's inputs of that stage (so a stage is judged on its own, not on what the
+        stages before it passed on); `cosine_min` applies to those too.
+        """
         started = time.perf_counter()
         spec = self.case.spec.backends[backend].fidelity
         assert spec is not None
         sums: dict[str, list[float]] = {}
+        stage_sums: dict[str, dict[str, list[float]]] = {}
+        staged = not self.program(self._float_model).is_single
         agree = total = 0
         pairs = zip(self.run_batches(backend, self.eval_batches()),
-                    self.run_batches(spec.reference, self.eval_batches()), strict=True)
-        for (batch, out), (_, ref) in pairs:
+                    self._run(spec.reference, self.eval_batches(), record_stages=staged), strict=True)
+        for (batch, out), (_, ref, ref_stages) in pairs:
             for name, tensor in out.items():
-                a, r = tensor.double().reshape(-1), ref[name].double().reshape(-1)
-                acc = sums.setdefault(name, [0.0, 0.0, 0.0])
-                acc[0] += float(a @ r)
-                acc[1] += float(a @ a)
-                acc[2] += float(r @ r)
+                _accumulate(sums.setdefault(name, [0.0, 0.0, 0.0]), tensor, ref[name])
             counted = self.adapter.agreement(out, ref, batch)
             if counted is not None:
                 agree, total = agree + counted[0], total + counted[1]
-        cosine = {n: (d / math.sqrt(na * nr) if na > 0 and nr > 0 else float(na == nr)) for n, (d, na, nr) in sums.items()}
+            for stage, (feeds, expected) in ref_stages.items():
+                actual = self.runner(backend).run_stage(stage, feeds)
+                for name, tensor in expected.items():
+                    _accumulate(stage_sums.setdefault(stage, {}).setdefault(name, [0.0, 0.0, 0.0]),
+                                actual[name].detach().cpu(), tensor)
+        cosine = {n: _cosine(acc) for n, acc in sums.items()}
+        stage_cosine = {s: {n: _cosine(acc) for n, acc in outs.items()} for s, outs in stage_sums.items()}
         agreement = agree / total if total else None
         record = self._record(backend, "fidelity", None, self._runners.get(backend), started)
         record.fidelity = {"reference": spec.reference, "cosine": cosine, "agreement": agreement,
                            "agreeing": agree, "compared": total}
+        if staged:
+            record.fidelity["stages"] = stage_cosine
         problems = []
         if spec.cosine_min is not None:
             problems += [f"cosine of '{n}' vs {spec.reference} {c:.6f} < {spec.cosine_min}" for n, c in cosine.items()
                          if c < spec.cosine_min]
+            problems += [f"stage '{s}': cosine of '{n}' vs {spec.reference} {c:.6f} < {spec.cosine_min}"
+                         for s, outs in stage_cosine.items() for n, c in outs.items() if c < spec.cosine_min]
         if spec.agreement_min is not None and (agreement is None or agreement < spec.agreement_min):
             shown = "n/a (task has no agreement measure)" if agreement is None else f"{agreement:.6f}"
             problems.append(f"prediction agreement with {spec.reference} {shown} < {spec.agreement_min}")
         if problems:
             record.verdict = "failed"
             raise ItemFailure(f"{self.case.name}[{backend}] fidelity:\n  " + "\n  ".join(problems), record)
+        return record
+
+    def check_rules(self, backend: str) -> Record:
+        """Export the calibrated model's stages in TensorRT's Q/DQ layout (cached, shared with
+        trt-int8; TensorRT itself is not needed) and check the quantization rules on the graphs
+        (`harness.export.inspect`). The record carries the rule report; any violation fails
+        with the list of violating nodes."""
+        from harness.backends.onnxruntime import qdq_onnx
+        from harness.export.inspect import rule_report
+        from harness.quant.transform import summarize
+
+        started = time.perf_counter()
+        paths = qdq_onnx(self.prepare_context(), "tensorrt")
+        model = self.quantized_model()
+        program = self.program(model)
+        report = rule_report({s: (paths[s], program.model) for s in program.stages}, self.case.spec.quant.rules,
+                             summarize(model))
+        record = self._record(backend, "rules", None, None, started)
+        record.artifacts.update({f"onnx-qdq-tensorrt:{s}": str(p) for s, p in paths.items()})
+        record.rules = report.to_dict()
+        if not report.passed:
+            record.verdict = "failed"
+            raise ItemFailure(f"{self.case.name}[{backend}] rules: {report.failure_text()}", record)
         return record
 
     def float_metric(self) -> dict[str, Any]:
