@@ -192,7 +192,9 @@ class Detection3DMetric(MetricAccumulator):
         )
 
 
-def _nms_config(args: Mapping[str, Any]) -> NMSConfig:
+def nms_config(args: Mapping[str, Any]) -> NMSConfig:
+    """`NMSConfig` from YAML-style keyword arguments (lists become tuples); ValueError names
+    unknown keys, HarnessError invalid values."""
     known = {f.name for f in fields(NMSConfig)}
     unknown = sorted(set(args) - known)
     if unknown:
@@ -230,7 +232,7 @@ class Detection3DTask(TaskAdapter):
         self.classes: tuple[str, ...] | None = None if classes is None else tuple(classes)
         self.filter_range = bool(args.get("filter_range", True))
         try:
-            self.nms = _nms_config(args.get("nms") or {})
+            self.nms = nms_config(args.get("nms") or {})
         except (ValueError, TypeError, HarnessError) as exc:
             raise case.error(str(exc), "metric", "args", "nms") from exc
 

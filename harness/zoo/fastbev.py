@@ -92,8 +92,8 @@ __all__ = [
     "fastbev_r18",
     "grid_anchors",
     "limit_period",
-    "loss_targets",
     "load_lookup_tables",
+    "loss_targets",
     "normalize_images",
     "postprocess",
     "rig_lookup_tables",
@@ -879,10 +879,10 @@ class FastBEV(nn.Module):
         `valid_c_idx` (float32 [Ncam, V]) and `anchors` (float32 [A, 9])."""
         tables = self.tables
         return {
-            "x": tables.x.cpu().numpy(),
-            "y": tables.y.cpu().numpy(),
-            "valid_c_idx": tables.valid_c_idx.cpu().numpy(),
-            "anchors": self.anchors.cpu().numpy(),
+            "x": tables.x.cpu().numpy().copy(),
+            "y": tables.y.cpu().numpy().copy(),
+            "valid_c_idx": tables.valid_c_idx.cpu().numpy().copy(),
+            "anchors": self.anchors.cpu().numpy().copy(),
         }
 
     def run_stages(
