@@ -314,12 +314,12 @@ def match_count(a: Detections, b: Detections, distance: float) -> int:
 # Pictures (matplotlib, Agg canvas; no global pyplot state)
 
 _GT_STYLE: dict[str, Any] = {"color": "#2ca02c", "linewidth": 1.2}
-_COLOURS = ("#1f77b4", "#d62728", "#ff7f0e", "#9467bd", "#8c564b")
+_COLOURS = (("blue", "#1f77b4"), ("red", "#d62728"), ("orange", "#ff7f0e"), ("purple", "#9467bd"), ("brown", "#8c564b"))
 _EDGES = ((0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4), (0, 4), (1, 5), (2, 6), (3, 7))
 
 
 def _style(index: int) -> dict[str, Any]:
-    return {"color": _COLOURS[index % len(_COLOURS)], "linewidth": 1.0, "linestyle": "-" if index == 0 else "--"}
+    return {"color": _COLOURS[index % len(_COLOURS)][1], "linewidth": 1.0, "linestyle": "-" if index == 0 else "--"}
 
 
 def _arrays(boxes: Sequence[Any] | Detections) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -418,7 +418,7 @@ def camera_plot(images: npt.NDArray[np.uint8], lidar2img: npt.NDArray[Any], gt: 
         ax.set_ylim(height - 0.5, -0.5)
         ax.set_axis_off()
         ax.set_title(CAMERAS[cam] if ncam == len(CAMERAS) else f"camera {cam}", fontsize=8)
-    names = ", ".join(["ground truth (green)"] + [f"{n} ({_COLOURS[i % len(_COLOURS)]})"
+    names = ", ".join(["ground truth (green)"] + [f"{n} ({_COLOURS[i % len(_COLOURS)][0]})"
                                                    for i, n in enumerate(detections)])
     fig.suptitle(f"{title}: {names}; predictions with score >= {PICTURE_SCORE}", fontsize=8)
     fig.tight_layout()

@@ -851,13 +851,13 @@ class FastBEV(nn.Module):
         anchors, or a valid entry points outside the feature map.
         """
         cfg = self.config
-        expected = check_lookup_tables(
+        problems = check_lookup_tables(
             {"x": tables.x, "y": tables.y, "valid_c_idx": tables.valid_c_idx,
              **({} if anchors is None else {"anchors": anchors})},
             cfg,
         )  # fmt: skip
-        if expected:
-            raise HarnessError(f"FastBEV.set_lookup_tables: {'; '.join(expected.values())}")
+        if problems:
+            raise HarnessError(f"FastBEV.set_lookup_tables: {'; '.join(problems.values())}")
         device = self.anchors.device
         self.table_x = tables.x.to(device)
         self.table_y = tables.y.to(device)
