@@ -220,8 +220,9 @@ class _Store:
     targets: list[LossTargets]
 
     def batch(self, index: Sequence[int]) -> ItemBatch:
-        idx = torch.tensor(list(index), device=self.images.device)
-        return ItemBatch(self.images[idx], self.lidar2img[idx], tuple(self.targets[i] for i in index))
+        idx = torch.tensor(list(index))
+        return ItemBatch(self.images[idx.to(self.images.device)], self.lidar2img[idx],
+                         tuple(self.targets[i] for i in index))
 
 
 def _render_all(dataset: SceneDataset, items: Dataset[Item], workers: int,
@@ -230,8 +231,20 @@ def _render_all(dataset: SceneDataset, items: Dataset[Item], workers: int,
     out: list[Item] = []
     loader = DataLoader(items, batch_size=None, sampler=_Range(0, n), num_workers=workers,
                         worker_init_fn=_worker_init if workers else None)
-    out.extend(loader)
+    # Tensors from workers live in shared memory, one file descriptor each; keeping thousands of
+    # samples would exhaust the descriptor limit, so each one is copied into ordinary memory.
+    out.extend(_clone_tree(item) for item in loader)
     return out
+
+
+def _clone_tree(value: Any) -> Any:
+    """`value` with every tensor inside (dataclass fields, recursively) cloned."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _clone_tree(getattr(value, f.name))
+                                              for f in dataclasses.fields(value)})
+    return value
 
 
 def _store(items: list[Item], device: torch.device, device_cache_gb: float) -> _Store:
