@@ -6,6 +6,7 @@ import functools
 import importlib.metadata
 import os
 import platform
+import subprocess
 
 import torch
 
@@ -67,6 +68,17 @@ def thread_count() -> int:
 def cuda_available() -> bool:
     """True when torch sees a usable CUDA device."""
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+@functools.cache
+def gpu_count() -> int:
+    """NVIDIA GPUs on this machine, counted by `nvidia-smi -L` without initialising CUDA
+    (0 when nvidia-smi is absent or fails)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
 def cuda_visible_devices() -> str | None:

@@ -20,6 +20,7 @@ import torch
 
 from harness.backends.registry import known_backends
 from harness.cases import DEFAULT_PROFILE, Case, load_case
+from harness.environment import gpu_count
 from harness.errors import BackendUnavailable, CaseError, HarnessError
 from harness.records import Record
 from harness.session import CaseRun, ItemFailure, RunOptions
@@ -86,6 +87,29 @@ class HarnessState:
         return self.runs[case.path]
 
 
+def _xdist_benchmark_reason(config: pytest.Config) -> str | None:
+    """Benchmarks need a quiet machine: under xdist they are skipped with this reason."""
+    if hasattr(config, "workerinput") or config.getoption("dist", "no") != "no":
+        return ("benchmarks run serially: timings are unreliable under xdist (pytest-benchmark disables "
+                "them); run `pytest cases/ -m benchmark` without -n")
+    return None
+
+
+def pin_worker_gpu(config: pytest.Config) -> str | None:
+    """Under xdist, give worker gwN the N-th visible GPU (round robin) through
+    CUDA_VISIBLE_DEVICES, before anything initialises CUDA. Returns the device chosen."""
+    worker = getattr(config, "workerinput", {}).get("workerid")
+    if not worker:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [d for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(gpu_count())]
+    if not devices:
+        return None
+    chosen = devices[int(worker.removeprefix("gw")) % len(devices)]
+    os.environ["CUDA_VISIBLE_DEVICES"] = chosen
+    return chosen
+
+
 def _device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise pytest.UsageError("--device cuda given but torch sees no CUDA device")
@@ -98,6 +122,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Validate options, create the run state and register item-kind markers."""
     for marker in ("qharness", "golden", "rules", "metric", "fidelity", "benchmark"):
         config.addinivalue_line("markers", f"{marker}: qharness {marker} items")
+    pin_worker_gpu(config)
     state = HarnessState(config)
     config.stash[_STATE] = state
     config.pluginmanager.register(ReportingPlugin(state), "qharness-reporting")
@@ -174,7 +199,7 @@ class BackendNode(pytest.Collector):
         def benchmark_stage(benchmark: Any) -> None:
             item.qharness_record = Record(case=run.case.name, profile=run.case.profile, backend=backend,
                                           item="benchmark", stage=stage)
-            reason = run.unavailable_reason(backend)
+            reason = run.unavailable_reason(backend) or _xdist_benchmark_reason(item.config)
             if reason:
                 item.qharness_record.verdict = "skipped"
                 item.qharness_record.reason = reason

@@ -124,8 +124,49 @@ def write_reports(records: Sequence[Record], out_dir: Path) -> list[Path]:
     }
     json_path, md_path = out_dir / "report.json", out_dir / "report.md"
     write_json_atomic(json_path, data)
-    write_text_atomic(md_path, markdown(records, out_dir))
-    return [md_path, json_path]
+    chart = latency_chart(records, out_dir / "latency.png")
+    write_text_atomic(md_path, markdown(records, out_dir, chart))
+    return [md_path, json_path, *([chart] if chart else [])]
+
+
+def latency_chart(records: Sequence[Record], path: Path) -> Path | None:
+    """A bar chart of median latency per backend (whiskers to p90 and p99), one panel per case
+    and stage; None when no record has timings."""
+    timed = [r for r in records if r.timing and "median_ms" in r.timing]
+    if not timed:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[str, list[Record]] = defaultdict(list)
+    for r in timed:
+        panels[f"{r.case} [{r.stage}]" if r.stage and r.stage != "model" else r.case].append(r)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.2 + 0.45 * max(len(v) for v in panels.values()) * len(panels)),
+                             squeeze=False)
+    for ax, (title, rs) in zip(axes[:, 0], panels.items(), strict=True):
+        names = [r.backend for r in rs]
+        assert all(r.timing for r in rs)
+        medians = [float(r.timing["median_ms"]) for r in rs if r.timing]
+        p90 = [float(r.timing.get("p90_ms", m)) for r, m in zip(rs, medians, strict=True) if r.timing is not None]
+        p99 = [float(r.timing.get("p99_ms", m)) for r, m in zip(rs, medians, strict=True) if r.timing is not None]
+        ys = range(len(rs))
+        ax.barh(ys, medians, color="#4C72B0")
+        ax.errorbar(p90, ys, fmt="|", color="black", label="p90")
+        ax.errorbar(p99, ys, fmt="x", color="#C44E52", label="p99")
+        ax.set_yticks(list(ys), names)
+        ax.invert_yaxis()
+        ax.set_xlabel("latency (ms): bar = median")
+        ax.set_title(title)
+        for y, m in zip(ys, medians, strict=True):
+            ax.annotate(f"{m:.2f}", (m, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+    axes[0, 0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _json_safe(value: Any) -> Any:
@@ -139,8 +180,8 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def markdown(records: Sequence[Record], out_dir: Path) -> str:
-    """report.md: summary, per-case metric tables, pictures, failures, artefacts."""
+def markdown(records: Sequence[Record], out_dir: Path, chart: Path | None = None) -> str:
+    """report.md: summary, latency chart, per-case metric tables, pictures, failures."""
     env = environment()
     parts = [
         "# qharness report",
@@ -150,6 +191,8 @@ def markdown(records: Sequence[Record], out_dir: Path) -> str:
         "",
         summary_table(records, tablefmt="github"),
     ]
+    if chart is not None:
+        parts += ["", f"![latency]({chart.name})"]
     by_case: dict[str, list[Record]] = defaultdict(list)
     for r in records:
         by_case[r.case].append(r)

@@ -55,7 +55,7 @@ def train_case(args: argparse.Namespace) -> int:
         model_args = dict(model_spec.args)
         if "augment" in inspect.signature(factory).parameters:
             model_args["augment"] = True
-        kwargs.setdefault("crop", tuple(getattr(run.dataset("train")[0], "image").shape[:2]))
+        kwargs.setdefault("crop", tuple(run.dataset("train")[0].image.shape[:2]))
         kwargs.setdefault("class_names", getattr(run.adapter, "class_names", None))
         result = train_segmentation(functools.partial(factory, **model_args), run.dataset("train"),
                                     val_dataset=run.dataset(), **kwargs)
