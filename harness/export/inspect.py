@@ -233,7 +233,9 @@ def node_modules(root: nn.Module, node_names: Sequence[str]) -> dict[str, tuple[
     extra call, and the chain starts below the exported module when a method other than
     `forward` made the first calls. Nodes are therefore grouped by their first component and each
     group is resolved below the module of `root` (in module order) under which most of the
-    group's nodes resolve completely; nodes at the root scope map to `root`.
+    group's nodes resolve completely (one graph calls one module by that name); a node that does
+    not resolve there takes the first module below which it does. Nodes at the root scope map to
+    `root`.
     """
     found: dict[str, tuple[str, nn.Module]] = {}
     groups: dict[str, list[tuple[str, list[str]]]] = {}
@@ -245,7 +247,7 @@ def node_modules(root: nn.Module, node_names: Sequence[str]) -> dict[str, tuple[
             found[node] = ("", root)
     for first, members in groups.items():
         heads = {first, re.sub(r"_\d+$", "", first)}
-        best: dict[str, tuple[str, nn.Module]] = {}
+        candidates = []
         for prefix, sub in root.named_modules():
             if not any(name in heads for name, _ in sub.named_children()):
                 continue
@@ -254,9 +256,10 @@ def node_modules(root: nn.Module, node_names: Sequence[str]) -> dict[str, tuple[
                 hit = _resolve_scope(sub, parts)
                 if hit is not None:
                     hits[node] = (f"{prefix}.{hit[0]}" if prefix else hit[0], hit[1])
-            if len(hits) > len(best):
-                best = hits
-        found.update(best)
+            candidates.append(hits)
+        for hits in sorted(candidates, key=len, reverse=True):  # stable: module order among equals
+            for node, hit in hits.items():
+                found.setdefault(node, hit)
     return found
 
 
@@ -348,8 +351,9 @@ class RuleReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (`from_dict` reads it back)."""
-        data = asdict(self)
+        """Plain JSON-ready dict of lists, dicts, strings and numbers (`from_dict` reads it back)."""
+        data = _plain(asdict(self))
+        assert isinstance(data, dict)
         data["totals"] = self.totals()
         return data
 
@@ -412,6 +416,14 @@ class RuleReport:
             out += [f"- `{q}`: {', '.join(u)}" for q, u in self.shared.items()]
             out += ["", "</details>"]
         return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def rule_report(
