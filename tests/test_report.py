@@ -168,3 +168,34 @@ def test_markdown_tables_keep_their_columns(tmp_path: Path) -> None:
         cells = [c for c in line.replace("\\|", "").strip().strip("|").split("|")]
         assert len(cells) == len(HEADERS), line
     assert "max\\|err\\|" in table and "needs a \\| b" in table
+
+
+def test_markdown_shows_the_rule_report_and_per_stage_fidelity(tmp_path: Path) -> None:
+    from harness.export.inspect import RuleReport, StageSummary, Violation
+
+    report = RuleReport(
+        rules=("bottleneck_residual", "shared_concat"),
+        stages=(StageSummary("camera", 85, 63, 63, (), 16, 0, 3, (), (("/b/add/Add", "residual_add", "ok"),)),
+                StageSummary("fuser", 18, 14, 14, (("/neck/ConvTranspose", "decoder.neck.deblocks.1.0"),), 0, 0, 2,
+                             (), (("/neck/concat/Concat", "concat", "violation"),))),
+        violations=(Violation("fuser", "/neck/concat/Concat", "decoder.neck.concat", "concat", "scales differ"),),
+        quantized=("a", "b"), kept_float=("decoder.neck.deblocks.1.0",), shared={"a.input_quantizer": ("a:0", "b:0")},
+    )
+    records = [
+        Record(case="bev", backend="fakequant-int8", item="rules", verdict="failed", rules=report.to_dict()),
+        Record(case="bev", backend="ort-int8", item="fidelity",
+               fidelity={"reference": "fakequant-int8", "cosine": {"middle": 0.9992},
+                         "stages": {"camera": {"feature": 0.99985}, "fuser": {"middle": 1.0}}}),
+    ]
+    text = markdown(records, tmp_path)
+    assert "### Quantization rules (fakequant-int8, failed)" in text
+    assert "**1 violation(s)**, 103 activation Q/DQ pairs, 77 quantized / 1 unquantized convs" in text
+    assert "| camera | 85 | 63 | 63 | 0 | 16 | 0 | 3 | 0 |" in text and "| fuser | 18 | 14 | 14 | 1 | 0 | 0 | 2 | 1 |" in text
+    assert "- `[fuser] /neck/concat/Concat` (decoder.neck.concat, concat): scales differ" in text
+    assert "`decoder.neck.deblocks.1.0` (fuser)" in text and "- `a.input_quantizer`: a:0, b:0" in text
+    stages = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+              if line.startswith("| ort-int8  | fakequant-int8")]
+    assert stages == [["ort-int8", "fakequant-int8", "camera", "feature", "0.999850"],
+                      ["ort-int8", "fakequant-int8", "fuser", "middle", "1.000000"],
+                      ["ort-int8", "fakequant-int8", "end to end", "middle", "0.999200"]]
+    assert json.loads(json.dumps(records[0].to_dict()))["rules"]["totals"]["violations"] == 1

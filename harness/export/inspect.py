@@ -308,7 +308,8 @@ class Violation:
 
 @dataclass(frozen=True)
 class StageSummary:
-    """Counts of one stage's graph, and its float convs and float joins (intended float)."""
+    """Counts of one stage's graph, its float convs and float joins (intended float), and every
+    add / concat as (node, kind, verdict: "ok", "float" or "violation")."""
 
     stage: str
     qdq_pairs: int
@@ -319,6 +320,7 @@ class StageSummary:
     shared_adds: int
     concats: int
     float_joins: tuple[tuple[str, str], ...]
+    joins: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -364,7 +366,7 @@ class RuleReport:
             StageSummary(
                 s["stage"], s["qdq_pairs"], s["weight_dequantizers"], s["quantized_convs"],
                 tuple((a, b) for a, b in s["unquantized_convs"]), s["residual_adds"], s["shared_adds"], s["concats"],
-                tuple((a, b) for a, b in s["float_joins"]),
+                tuple((a, b) for a, b in s["float_joins"]), tuple((a, b, c) for a, b, c in s.get("joins", ())),
             )
             for s in data["stages"]
         )
@@ -407,6 +409,9 @@ class RuleReport:
         if floats:
             out += ["", "Float by intent (kept float or excluded): " + ", ".join(
                 f"`{module or node}` ({stage})" for stage, node, module in floats[:_LISTED])]
+        listed = [f"- `[{s.stage}] {node}`: {kind}, {verdict}" for s in self.stages for node, kind, verdict in s.joins]
+        if listed:
+            out += ["", "<details><summary>adds and concats</summary>", "", *listed, "", "</details>"]
         users = sum(len(u) for u in self.shared.values())
         out += ["", f"Quantized layers: {len(self.quantized)}; layers of quantizable type left float: "
                 f"{', '.join(f'`{n}`' for n in self.kept_float[:_LISTED]) or 'none'}; "
@@ -442,7 +447,7 @@ def rule_report(
             hit = owners.get(node)
             return ("", False) if hit is None else (hit[0], _is_float_module(hit[1]))
 
-        float_convs, float_joins = [], []
+        float_convs, float_joins, joins = [], [], []
         for conv in found.convs:
             if conv.input_quantized:
                 continue
@@ -454,16 +459,18 @@ def rule_report(
                                             "the layer is quantized in PyTorch but its input reaches the conv unquantized"))
         for join in found.joins:
             if not join.problems:
+                joins.append((join.node, join.kind, "ok"))
                 continue
             name, intended = owner(join.node)
             if intended:
                 float_joins.append((join.node, name))
             else:
                 violations += [Violation(stage, join.node, name, join.kind, p) for p in join.problems]
+            joins.append((join.node, join.kind, "float" if intended else "violation"))
         summaries.append(StageSummary(
             stage, found.qdq_pairs, found.weight_dequantizers, sum(1 for c in found.convs if c.input_quantized),
             tuple(float_convs), len(found.of_kind("residual_add")), len(found.of_kind("shared_add")),
-            len(found.of_kind("concat")), tuple(float_joins),
+            len(found.of_kind("concat")), tuple(float_joins), tuple(joins),
         ))
     return RuleReport(
         rules=tuple(rules), stages=tuple(summaries), violations=tuple(violations),
