@@ -82,7 +82,7 @@ def test_keep_float_pattern_matching_nothing_is_a_case_error(project: Path) -> N
     case.write_text(case.read_text().replace("quant: {", "quant: {keep_float: [nothing.here], "))
     from harness.errors import CaseError
 
-    with pytest.raises(CaseError, match=r"key 'quant.keep_float': keep_float pattern 'nothing.here' matches no module"):
+    with pytest.raises(CaseError, match=r"key 'quant.keep_float.0': keep_float pattern 'nothing.here' matches no module"):
         make_run(project).quantized_model()
 
 
