@@ -165,10 +165,10 @@ class CaseRun:
         stages = self.case.spec.stages
         adapter = self.adapter
         if not stages:
-            return Program.single(model, adapter.input_names, adapter.output_names)
+            return Program.single(model, adapter.input_names, adapter.output_names, adapter.dynamic_batch)
         if list(stages) == ["model"]:
             only = stages["model"]
-            return Program.single(model, tuple(only.inputs), tuple(only.outputs))
+            return Program.single(model, tuple(only.inputs), tuple(only.outputs), adapter.dynamic_batch)
         try:
             return Program.staged(model, {k: (tuple(v.inputs), tuple(v.outputs)) for k, v in stages.items()})
         except HarnessError as exc:
@@ -218,7 +218,8 @@ class CaseRun:
         return records
 
     def golden_record(self) -> dict[str, StageRecord]:
-        """The golden stage records from disk (regenerated first under --update-golden)."""
+        """The golden stage records from disk (regenerated first under --update-golden); the
+        task adapter checks the inputs (errors name the golden file)."""
         if self.options.update_golden and not self._golden_written:
             self.write_golden()
         meta = self.golden.check_fresh(self.case.config_hash(), self.checkpoint_sha256)
@@ -228,14 +229,14 @@ class CaseRun:
             if name not in stages:
                 raise GoldenError(f"golden meta {self.golden.meta_path} has no stage '{name}'.\n"
                                   f"Regenerate with: {self.golden.hint}")
-            out[name] = StageRecord(
-                {n: self.golden.read("inputs", n, meta) for n in stages[name]["inputs"]},
-                {n: self.golden.read("outputs", n, meta) for n in stages[name]["outputs"]},
-            )
+            inputs = {n: self.golden.read("inputs", n, meta) for n in stages[name]["inputs"]}
+            self.adapter.check_inputs(inputs, {n: str(self.golden.path_of("inputs", n, meta)) for n in inputs})
+            out[name] = StageRecord(inputs, {n: self.golden.read("outputs", n, meta) for n in stages[name]["outputs"]})
         return out
 
     def write_golden(self) -> None:
-        """Regenerate golden inputs, reference outputs and meta.json from the float model."""
+        """Regenerate golden inputs, reference outputs and meta.json from the float model, in
+        the file names and dtypes the task adapter asks for (`golden_layout`)."""
         reference = self.reference
         inputs: dict[str, np.ndarray] = {}
         outputs: dict[str, np.ndarray] = {}
@@ -253,7 +254,7 @@ class CaseRun:
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "stages": {n: {"inputs": list(r.inputs), "outputs": list(r.outputs)} for n, r in reference.items()},
         }
-        self.golden.write({"inputs": inputs, "outputs": outputs}, meta)
+        self.golden.write({"inputs": inputs, "outputs": outputs}, meta, self.adapter.golden_layout())
         self._golden_written = True
 
     def stage_feeds(self) -> dict[str, dict[str, torch.Tensor]]:

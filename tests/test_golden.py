@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 
 from harness import tensorfile
 from harness.errors import GoldenError
-from harness.golden import FORMAT, GoldenStore
+from harness.golden import FORMAT, GoldenFile, GoldenStore
 
 HINT = "pytest cases/tiny.yaml --update-golden"
 
@@ -204,3 +205,42 @@ def test_failed_write_keeps_previous_meta(store: GoldenStore, monkeypatch: pytes
     with pytest.raises(OSError):
         store.write(tensors(), {**META, "config_hash": "f" * 64})
     assert store.meta_path.read_bytes() == before
+
+
+def test_golden_layout_chooses_file_names_and_dtypes(store: GoldenStore) -> None:
+    data = tensors()
+    files = {"image": GoldenFile("in_image.torch.fp16", np.dtype(np.float16)),
+             "logits": GoldenFile("out_logits.torch.fp16", np.dtype(np.float16)),
+             "ids": GoldenFile("in_ids.torch.int32", np.dtype(np.int32))}
+    store.write(data, META, files)
+    meta = store.meta()
+    assert meta["tensor_files"] == {"inputs": {"image": "in_image.torch.fp16", "ids": "in_ids.torch.int32"},
+                                    "outputs": {"logits": "out_logits.torch.fp16"}}
+    assert files_under(store.dir) == ["inputs/in_ids.torch.int32.tensor", "inputs/in_image.torch.fp16.tensor",
+                                      "inputs/mask.tensor", "meta.json", "outputs/depth.tensor",
+                                      "outputs/out_logits.torch.fp16.tensor"]
+    image = store.read("inputs", "image", meta)
+    assert image.dtype == np.float16 and np.array_equal(image, data["inputs"]["image"].astype(np.float16))
+    assert store.read("inputs", "ids", meta).dtype == np.int32
+    assert store.read("outputs", "logits", meta).dtype == np.float16
+    assert store.read("inputs", "mask", meta).dtype == np.uint8
+    assert store.path_of("inputs", "image", meta) == store.dir / "inputs/in_image.torch.fp16.tensor"
+    (store.dir / "inputs/in_image.torch.fp16.tensor").unlink()
+    expect_golden_error(lambda: store.read("inputs", "image", meta), "golden input 'image' ('in_image.torch.fp16.tensor"
+                        "' is missing")
+    # Rewriting without the mapping goes back to plain names and drops the renamed files.
+    store.write(data, META)
+    assert "tensor_files" not in store.meta()
+    assert "inputs/image.tensor" in files_under(store.dir) and "inputs/in_ids.torch.int32.tensor" not in files_under(store.dir)
+
+
+@pytest.mark.parametrize(("files", "fragment"), [
+    ({"image": GoldenFile("mask")}, "tensors 'image' and 'mask' would both be stored as mask.tensor"),
+    ({"image": GoldenFile("../escape")}, "golden file name '../escape' of tensor 'image' is not a plain file name"),
+    ({"image": GoldenFile("")}, "golden file name '' of tensor 'image'"),
+])
+def test_golden_file_names_must_be_plain_and_distinct(store: GoldenStore, files: dict[str, GoldenFile],
+                                                      fragment: str) -> None:
+    with pytest.raises(GoldenError, match=re.escape(fragment)):
+        store.write(tensors(), META, files)
+    assert not store.exists()
