@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness import tensorfile
 from harness.backends.base import PrepareContext, Runner
 from harness.backends.registry import backend_class
 from harness.cache import Cache, content_key, file_sha256
@@ -254,8 +255,30 @@ class CaseRun:
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "stages": {n: {"inputs": list(r.inputs), "outputs": list(r.outputs)} for n, r in reference.items()},
         }
+        model_files = self._write_model_files()
         self.golden.write({"inputs": inputs, "outputs": outputs}, meta, self.adapter.golden_layout())
+        if model_files:
+            self.golden.update_meta(lambda m: m["files"].update(model_files))
         self._golden_written = True
+
+    def _write_model_files(self) -> dict[str, str]:
+        """Save the float model's `golden_files()` (e.g. FastBEV's lookup tables) as
+        `<golden dir>/<name>.tensor`, each atomically; returns their sha256 by file name.
+
+        They are written before meta.json so that a meta.json naming them never points at
+        missing files; their hashes then join meta.json's `files`.
+        """
+        provide = getattr(self._float_model, "golden_files", None)
+        if not callable(provide):
+            return {}
+        hashes = {}
+        for name, array in provide().items():
+            if not name or Path(name).name != name or name.startswith("."):
+                raise GoldenError(f"{type(self._float_model).__name__}.golden_files(): '{name}' is not a plain file name")
+            path = self.golden.dir / f"{name}.tensor"
+            tensorfile.save(path, np.asarray(array))
+            hashes[path.name] = file_sha256(path)
+        return hashes
 
     def stage_feeds(self) -> dict[str, dict[str, torch.Tensor]]:
         """Example feeds per stage for exports: golden inputs when present, else the reference."""

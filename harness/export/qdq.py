@@ -426,6 +426,9 @@ def _relu_zero_points(g: _Graph) -> None:
 def _conv_integer_for_float_outputs(g: _Graph) -> None:
     """Quantized convs whose output stays float: ConvInteger (int32 accumulation) then `* s_x * s_w + bias`.
 
+    "Stays float" means anything but a single QuantizeLinear consumer (ONNX Runtime only fuses
+    DQ -> Conv -> Q into QLinearConv when the Q is the conv's only consumer).
+
     This is the "int32 output" of a high-precision last layer: inputs and weights are the
     int8 codes, only the rescale runs in float, so it matches fake quantization up to float
     summation order. Weights are shifted to uint8 (zero point 128) for ONNX Runtime's kernel.
@@ -433,8 +436,9 @@ def _conv_integer_for_float_outputs(g: _Graph) -> None:
     for node in list(g.nodes):
         if node.op_type != "Conv" or len(node.input) < 2:
             continue
-        if any(c.op_type == "QuantizeLinear" for c in g.consumers.get(node.output[0], [])):
-            continue
+        consumers = g.consumers.get(node.output[0], [])
+        if len(consumers) == 1 and consumers[0].op_type == "QuantizeLinear" and node.output[0] not in g.outputs:
+            continue  # DQ -> Conv -> Q with a single consumer: ONNX Runtime fuses it into QLinearConv
         x_dq, w_dq = g.producer.get(node.input[0]), g.producer.get(node.input[1])
         if x_dq is None or w_dq is None or x_dq.op_type != "DequantizeLinear" or w_dq.op_type != "DequantizeLinear":
             continue

@@ -7,10 +7,24 @@ Stages (as CUDA-FastBEV's `ptq/export_onnx.py` splits the model):
 - view transform (PyTorch, between the graphs): `build_lookup_tables` projects every voxel into
   every camera's feature map once per calibration; `view_transform` gathers the features into
   `mlvl_volume` [1, C, X, Y, Z]. A voxel takes the feature of the *last* camera that sees it.
-- `FastBEVPost`: `mlvl_volume` -> `neck_3d` (M2BEV neck, Z folded into channels) -> anchor head
-  -> sigmoid -> top-k anchors by max class score -> decoded boxes: `cls_score` [K, 10],
-  `bbox_pred` [K, 9], `dir_cls_preds` [K] (int64).
+- `FastBEVPost` (the seed's post graph): `mlvl_volume` -> `neck_3d` (M2BEV neck, Z folded into
+  channels) -> anchor head -> sigmoid -> top-k anchors by max class score -> decoded boxes:
+  `cls_score` [K, 10], `bbox_pred` [K, 9], `dir_cls_preds` [K] (int64 from ArgMax; CUDA-FastBEV's
+  C++ binds it as int32).
 - `postprocess` (numpy, CPU): per-class scale-NMS as CUDA-FastBEV's `postprecess.cpp` -> boxes.
+
+In the harness (`FastBEV.run_stages`, stages `pre` and `post`) the exported post graph is
+`FastBEVPostDense` instead: it stops before the top-k and returns the dense per-anchor rows
+`anchor_scores` [A, 10] (sigmoid), `anchor_deltas` [A, 9] (raw box deltas) and
+`anchor_dir_logits` [A, 2], rows in the order of `anchors`. Top-k, the anchor gather, the seed's
+9-dim decode and the direction ArgMax run in the PyTorch glue after the stage and give exactly
+the seed graph's three outputs. The reason is the golden compare: near-equal scores swap places
+in a top-k from one backend to the next (fp32 vs int8, ONNX Runtime vs PyTorch), so top-k rows
+cannot be compared element by element, while the dense maps can. The view transform reads the
+lookup tables the model holds (`set_lookup_tables`; the factory loads them from `tables_dir` or
+computes them for the synthetic camera rig); `golden_files` hands them to `--update-golden`,
+which writes them as `x.tensor`, `y.tensor`, `valid_c_idx.tensor` and `anchors.tensor` in
+CUDA-FastBEV's example-data layout.
 
 Box conventions (all in the lidar/ego frame, metres, radians):
 
@@ -29,8 +43,10 @@ sits at `origin + (i - n/2) * voxel_size` per axis, flat index `ix*Ny*Nz + iy*Nz
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -39,7 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.errors import HarnessError
+from harness import tensorfile
+from harness.datasets.scenes import camera_rig
+from harness.errors import HarnessError, TensorFileError
+from harness.program import StageCall
 from harness.zoo.layers import ConvModule, init_kaiming
 from harness.zoo.ops import Add, Concat
 from harness.zoo.resnet import ResNet
@@ -48,29 +67,36 @@ __all__ = [
     "CLASSES",
     "IMAGE_MEAN",
     "IMAGE_STD",
+    "TABLE_NAMES",
     "AnchorHead",
     "Detections",
     "FastBEV",
     "FastBEVConfig",
     "FastBEVPost",
+    "FastBEVPostDense",
     "FastBEVPre",
     "GTBoxes",
     "HeadOutputs",
     "LookupTables",
     "LossConfig",
+    "LossTargets",
     "M2BevNeck",
     "NMSConfig",
     "assign_anchors",
     "bev_iou",
     "build_lookup_tables",
+    "check_lookup_tables",
     "decode",
     "direction_target",
     "encode",
     "fastbev_r18",
     "grid_anchors",
     "limit_period",
+    "load_lookup_tables",
+    "loss_targets",
     "normalize_images",
     "postprocess",
+    "rig_lookup_tables",
     "view_transform",
     "voxel_points",
 ]
@@ -684,6 +710,33 @@ def _sigmoid_focal_loss(
     return ce * (1 - p_t).pow(gamma) * alpha_t
 
 
+@dataclass(frozen=True)
+class LossTargets:
+    """One sample's anchor assignment: what `FastBEV.loss_from_targets` trains against."""
+
+    assigned: torch.Tensor
+    """int [A]: index of the anchor's GT box (>= 0), -1 negative, -2 ignored."""
+    labels: torch.Tensor
+    """int64 [M]: class of each GT box."""
+    boxes: torch.Tensor
+    """float32 [M, 9]: bottom-z GT boxes in the anchors' layout."""
+
+
+def loss_targets(
+    anchors: torch.Tensor, gt: GTBoxes, config: LossConfig, num_classes: int
+) -> LossTargets:
+    """Assign `anchors` to the sample's GT boxes (`assign_anchors`), on the anchors' device.
+
+    Depends only on the GT and the anchors, so a trainer may compute it once per sample, on the
+    CPU, in DataLoader workers. Raises HarnessError for labels outside 0..num_classes-1.
+    """
+    labels = gt.labels.to(anchors.device)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise HarnessError(f"FastBEV.loss: GT labels outside 0..{num_classes - 1}: {labels.tolist()}")
+    boxes = gt.to_tensor().to(anchors.device)
+    return LossTargets(assign_anchors(anchors, boxes, config), labels, boxes)
+
+
 class FastBEV(nn.Module):
     """FastBEV with a ResNet18 backbone; module names as the seed (`backbone`, `neck`,
     `neck_fuse`, `neck_3d`, `bbox_head`). Stage wrappers: `FastBEVPre`, `FastBEVPost`."""
@@ -714,6 +767,12 @@ class FastBEV(nn.Module):
         )
         self.anchors: torch.Tensor
         self.register_buffer("anchors", anchors, persistent=False)
+        # View-transform tables of a fixed camera rig (`set_lookup_tables`), not in state_dict.
+        self.table_x: torch.Tensor | None
+        self.table_y: torch.Tensor | None
+        self.table_valid: torch.Tensor | None
+        for name in ("table_x", "table_y", "table_valid"):
+            self.register_buffer(name, None, persistent=False)
 
     # ---- stages
     def extract_image_features(self, image: torch.Tensor) -> torch.Tensor:
@@ -739,22 +798,130 @@ class FastBEV(nn.Module):
         out: HeadOutputs = self.bbox_head(self.neck_3d(mlvl_volume))
         return out
 
+    def dense_rows(
+        self, outputs: HeadOutputs
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first sample's head maps as per-anchor rows in the order of `anchors`.
+
+        Returns `anchor_scores` [A, num_classes] (sigmoid probabilities), `anchor_deltas` [A, 9]
+        (raw box deltas) and `anchor_dir_logits` [A, 2]: the outputs of `FastBEVPostDense`.
+        """
+        num_classes = self.config.num_classes
+        scores = outputs.cls_score[0].permute(1, 2, 0).reshape(-1, num_classes).sigmoid()
+        deltas = outputs.bbox_pred[0].permute(1, 2, 0).reshape(-1, BOX_CODE_SIZE)
+        dir_logits = outputs.dir_cls_preds[0].permute(1, 2, 0).reshape(-1, 2)
+        return scores, deltas, dir_logits
+
+    def select_rows(
+        self, scores: torch.Tensor, deltas: torch.Tensor, dir_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k of dense rows by max class score, anchor gather, decode and direction ArgMax.
+
+        Takes `dense_rows`' outputs; returns the seed post graph's `cls_score` [K, num_classes],
+        `bbox_pred` [K, 9] (decoded, bottom z, yaw before the direction fix) and
+        `dir_cls_preds` [K] (int64), K = min(topk, number of anchors).
+        """
+        anchors = self.anchors.to(deltas.device)
+        k = min(self.config.topk, self.config.num_anchors)
+        _, topk_inds = scores.max(dim=1)[0].topk(k)
+        bboxes = decode(anchors[topk_inds], deltas[topk_inds])
+        return scores[topk_inds], bboxes, dir_logits[topk_inds].argmax(dim=-1)
+
     def select_and_decode(
         self, outputs: HeadOutputs
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The post stage's tail for the first sample: sigmoid, top-k by max class score, decode.
+        """The seed post graph's tail for the first sample: `select_rows(*dense_rows(outputs))`."""
+        return self.select_rows(*self.dense_rows(outputs))
 
-        Returns `cls_score` [K, num_classes] (probabilities), `bbox_pred` [K, 9] (decoded,
-        bottom z, yaw before the direction fix) and `dir_cls_preds` [K] (int64 argmax).
+    # ---- deployment stages (harness.program protocol)
+    @property
+    def pre(self) -> FastBEVPre:
+        """The exported `pre` stage (a fresh wrapper sharing this model's parameters)."""
+        return FastBEVPre(self)
+
+    @property
+    def post(self) -> FastBEVPostDense:
+        """The exported `post` stage: the dense head rows (see the module docstring)."""
+        return FastBEVPostDense(self)
+
+    def set_lookup_tables(self, tables: LookupTables, anchors: torch.Tensor | None = None) -> None:
+        """Install the view-transform tables (and optionally anchors) `run_stages` uses.
+
+        Raises HarnessError when a shape or dtype does not fit the configured cameras, grid and
+        anchors, or a valid entry points outside the feature map.
         """
-        num_classes = self.config.num_classes
-        cls_score = outputs.cls_score[0].permute(1, 2, 0).reshape(-1, num_classes).sigmoid()
-        bbox_pred = outputs.bbox_pred[0].permute(1, 2, 0).reshape(-1, BOX_CODE_SIZE)
-        dir_cls = outputs.dir_cls_preds[0].permute(1, 2, 0).reshape(-1, 2).argmax(dim=-1)
-        k = min(self.config.topk, self.config.num_anchors)
-        _, topk_inds = cls_score.max(dim=1)[0].topk(k)
-        bboxes = decode(self.anchors[topk_inds], bbox_pred[topk_inds])
-        return cls_score[topk_inds], bboxes, dir_cls[topk_inds]
+        cfg = self.config
+        problems = check_lookup_tables(
+            {"x": tables.x, "y": tables.y, "valid_c_idx": tables.valid_c_idx,
+             **({} if anchors is None else {"anchors": anchors})},
+            cfg,
+        )  # fmt: skip
+        if problems:
+            raise HarnessError(f"FastBEV.set_lookup_tables: {'; '.join(problems.values())}")
+        device = self.anchors.device
+        self.table_x = tables.x.to(device)
+        self.table_y = tables.y.to(device)
+        self.table_valid = tables.valid_c_idx.to(device)
+        if anchors is not None:
+            self.anchors = anchors.to(device=device, dtype=torch.float32)
+
+    @property
+    def tables(self) -> LookupTables:
+        """The installed lookup tables; HarnessError when none were set."""
+        if self.table_x is None or self.table_y is None or self.table_valid is None:
+            raise HarnessError(
+                "FastBEV has no lookup tables: build it with fastbev_r18() or call set_lookup_tables()"
+            )
+        return LookupTables(self.table_x, self.table_y, self.table_valid)
+
+    def golden_files(self) -> dict[str, npt.NDArray[Any]]:
+        """The tables as CUDA-FastBEV's example data: `x`, `y` (int64 [Ncam, V]),
+        `valid_c_idx` (float32 [Ncam, V]) and `anchors` (float32 [A, 9])."""
+        tables = self.tables
+        return {
+            "x": tables.x.cpu().numpy().copy(),
+            "y": tables.y.cpu().numpy().copy(),
+            "valid_c_idx": tables.valid_c_idx.cpu().numpy().copy(),
+            "anchors": self.anchors.cpu().numpy().copy(),
+        }
+
+    def run_stages(
+        self, inputs: Mapping[str, torch.Tensor], call: StageCall
+    ) -> dict[str, torch.Tensor]:
+        """Run `pre`, the view transform, `post` and the top-k decode glue per sample.
+
+        `inputs["image"]` holds B samples of Ncam normalised images, [B*Ncam, 3, H, W]; each
+        sample goes through `call("pre", ...)` and `call("post", ...)` once. Returns
+        `cls_score` [B, K, num_classes], `bbox_pred` [B, K, 9] and `dir_cls_preds` [B, K]
+        (int64), as the seed's post graph for each sample.
+        """
+        image = inputs["image"]
+        ncam = self.config.num_cams
+        if image.dim() != 4 or image.shape[0] == 0 or image.shape[0] % ncam:
+            raise HarnessError(
+                f"FastBEV.run_stages: 'image' must be [B*{ncam}, 3, H, W], got {tuple(image.shape)}"
+            )
+        tables = self.tables
+        results: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for start in range(0, image.shape[0], ncam):
+            feat = call("pre", {"image": image[start : start + ncam]})["mlvl_feat"]
+            volume = view_transform(feat.float(), *tables, self.config.grid)
+            dense = call("post", {"mlvl_volume": volume})
+            rows = tuple(dense["anchor_scores"].shape)
+            if rows != (self.config.num_anchors, self.config.num_classes):
+                raise HarnessError(
+                    f"FastBEV.run_stages: stage 'post' returned anchor_scores {list(rows)}, "
+                    f"expected [{self.config.num_anchors}, {self.config.num_classes}]"
+                )
+            results.append(
+                self.select_rows(
+                    dense["anchor_scores"].float(),
+                    dense["anchor_deltas"].float(),
+                    dense["anchor_dir_logits"],
+                )
+            )
+        names = ("cls_score", "bbox_pred", "dir_cls_preds")
+        return {name: torch.stack([r[i] for r in results]) for i, name in enumerate(names)}
 
     # ---- training / full model
     def forward(self, images: torch.Tensor, lidar2img: torch.Tensor) -> HeadOutputs:
@@ -787,60 +954,68 @@ class FastBEV(nn.Module):
             )
         return results
 
-    def loss(self, outputs: HeadOutputs, gt_boxes: Sequence[GTBoxes]) -> dict[str, torch.Tensor]:
-        """Anchor-head losses for a batch, normalised by the number of positive anchors.
+    def loss_targets(self, gt: GTBoxes) -> LossTargets:
+        """`loss_targets` of this model's anchors and loss configuration."""
+        return loss_targets(self.anchors, gt, self.loss_config, self.config.num_classes)
 
-        Anchors are assigned by `assign_anchors`. Losses: sigmoid focal loss
-        over classes; smooth-L1 on `encode`d deltas with the yaw term as sin(pred - target);
-        cross-entropy on the direction class. Returns `loss_cls`, `loss_bbox`, `loss_dir`, `loss`.
-        """
-        cfg = self.loss_config
+    def loss(self, outputs: HeadOutputs, gt_boxes: Sequence[GTBoxes]) -> dict[str, torch.Tensor]:
+        """Anchor-head losses for a batch: `loss_from_targets` of each sample's `loss_targets`."""
         batch = outputs.cls_score.shape[0]
         if len(gt_boxes) != batch:
             raise HarnessError(f"FastBEV.loss: {len(gt_boxes)} GT samples for a batch of {batch}")
+        return self.loss_from_targets(outputs, [self.loss_targets(gt) for gt in gt_boxes])
+
+    def loss_from_targets(
+        self, outputs: HeadOutputs, targets: Sequence[LossTargets]
+    ) -> dict[str, torch.Tensor]:
+        """Anchor-head losses for a batch, normalised by the number of positive anchors.
+
+        Losses over the whole batch at once: sigmoid focal loss over classes on every anchor that
+        is not ignored; smooth-L1 on `encode`d deltas of positive anchors with the yaw term as
+        sin(pred - target); cross-entropy on their direction class. Returns `loss_cls`,
+        `loss_bbox`, `loss_dir`, `loss`. The targets may live on another device (e.g. computed
+        in DataLoader workers); they are moved to the outputs' device.
+        """
+        cfg = self.loss_config
+        batch = outputs.cls_score.shape[0]
+        if len(targets) != batch:
+            raise HarnessError(f"FastBEV.loss: {len(targets)} GT samples for a batch of {batch}")
         num_classes = self.config.num_classes
         cls = outputs.cls_score.permute(0, 2, 3, 1).reshape(batch, -1, num_classes)
         reg = outputs.bbox_pred.permute(0, 2, 3, 1).reshape(batch, -1, BOX_CODE_SIZE)
         dirs = outputs.dir_cls_preds.permute(0, 2, 3, 1).reshape(batch, -1, 2)
-        anchors = self.anchors
+        anchors = self.anchors.to(cls.device)
         if cls.shape[1] != anchors.shape[0]:
             raise HarnessError(
                 f"FastBEV.loss: head has {cls.shape[1]} anchors, the model's anchors are {anchors.shape[0]}"
             )
-        code_weight = torch.tensor(cfg.code_weight, dtype=reg.dtype, device=reg.device)
-        loss_cls = cls.new_zeros(())
-        loss_bbox = cls.new_zeros(())
-        loss_dir = cls.new_zeros(())
-        num_pos = 0
-        for b, gt in enumerate(gt_boxes):
-            boxes = gt.to_tensor().to(anchors.device)
-            labels = gt.labels.to(anchors.device)
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-                raise HarnessError(
-                    f"FastBEV.loss: sample {b} has labels outside 0..{num_classes - 1}"
-                )
-            assigned = assign_anchors(anchors, boxes, cfg)
-            pos = assigned >= 0
-            valid = assigned >= -1
-            target = torch.zeros_like(cls[b])
-            if bool(pos.any()):
-                target[pos, labels[assigned[pos]]] = 1.0
-            focal = _sigmoid_focal_loss(cls[b], target, cfg.focal_alpha, cfg.focal_gamma)
-            loss_cls = loss_cls + (focal * valid.unsqueeze(1)).sum()
-            if bool(pos.any()):
-                matched = boxes[assigned[pos]]
-                deltas = encode(anchors[pos], matched)
-                pred = reg[b][pos]
-                pred_sin = torch.sin(pred[:, 6:7]) * torch.cos(deltas[:, 6:7])
-                tgt_sin = torch.cos(pred[:, 6:7]) * torch.sin(deltas[:, 6:7])
-                pred = torch.cat((pred[:, :6], pred_sin, pred[:, 7:]), dim=1)
-                deltas = torch.cat((deltas[:, :6], tgt_sin, deltas[:, 7:]), dim=1)
-                l1 = F.smooth_l1_loss(pred, deltas, reduction="none", beta=cfg.smooth_l1_beta)
-                loss_bbox = loss_bbox + (l1 * code_weight).sum()
-                dir_t = direction_target(matched[:, 6], cfg.dir_offset)
-                loss_dir = loss_dir + F.cross_entropy(dirs[b][pos], dir_t, reduction="sum")
-                num_pos += int(pos.sum())
-        norm = float(max(num_pos, 1))
+        device = cls.device
+        assigned = torch.stack([t.assigned.to(device, torch.int64) for t in targets])  # [B, A]
+        counts = [int(t.labels.shape[0]) for t in targets]
+        offsets = torch.tensor([sum(counts[:b]) for b in range(batch)], device=device)
+        labels = torch.cat([t.labels.to(device) for t in targets])
+        boxes = torch.cat([t.boxes.to(device, torch.float32) for t in targets])
+        pos = assigned >= 0
+        valid = assigned >= -1
+        b_idx, a_idx = pos.nonzero(as_tuple=True)
+        gt_idx = assigned[b_idx, a_idx] + offsets[b_idx]
+        target = torch.zeros_like(cls)
+        target[b_idx, a_idx, labels[gt_idx]] = 1.0
+        focal = _sigmoid_focal_loss(cls, target, cfg.focal_alpha, cfg.focal_gamma)
+        loss_cls = (focal * valid.unsqueeze(2)).sum()
+        matched = boxes[gt_idx]
+        deltas = encode(anchors[a_idx], matched)
+        pred = reg[b_idx, a_idx]
+        pred_sin = torch.sin(pred[:, 6:7]) * torch.cos(deltas[:, 6:7])
+        tgt_sin = torch.cos(pred[:, 6:7]) * torch.sin(deltas[:, 6:7])
+        pred = torch.cat((pred[:, :6], pred_sin, pred[:, 7:]), dim=1)
+        deltas = torch.cat((deltas[:, :6], tgt_sin, deltas[:, 7:]), dim=1)
+        code_weight = torch.tensor(cfg.code_weight, dtype=pred.dtype, device=device)
+        l1 = F.smooth_l1_loss(pred, deltas, reduction="none", beta=cfg.smooth_l1_beta)
+        loss_bbox = (l1 * code_weight).sum()
+        dir_t = direction_target(matched[:, 6], cfg.dir_offset)
+        loss_dir = F.cross_entropy(dirs[b_idx, a_idx], dir_t, reduction="sum")
+        norm = float(max(int(b_idx.shape[0]), 1))
         losses = {
             "loss_cls": cfg.cls_weight * loss_cls / norm,
             "loss_bbox": cfg.bbox_weight * loss_bbox / norm,
@@ -885,6 +1060,33 @@ class FastBEVPost(nn.Module):
 
     def forward(self, mlvl_volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.model.select_and_decode(self.model.head_forward(mlvl_volume))
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        """Random inputs of the configured shape (seeded)."""
+        cfg = self.model.config
+        gen = torch.Generator().manual_seed(0)
+        return (torch.randn(1, cfg.volume_channels, *cfg.grid, generator=gen),)
+
+
+class FastBEVPostDense(nn.Module):
+    """Exported post stage of the harness: `mlvl_volume` [1, C, X, Y, Z] -> `anchor_scores`
+    [A, 10] (sigmoid), `anchor_deltas` [A, 9] (raw deltas), `anchor_dir_logits` [A, 2]; row i
+    belongs to anchor i. The seed's top-k and decode follow in `FastBEV.select_rows`."""
+
+    input_names: ClassVar[tuple[str, ...]] = ("mlvl_volume",)
+    output_names: ClassVar[tuple[str, ...]] = (
+        "anchor_scores",
+        "anchor_deltas",
+        "anchor_dir_logits",
+    )
+
+    def __init__(self, model: FastBEV) -> None:
+        super().__init__()
+        self.model = model
+        self.train(model.training)  # export restores the wrapper's mode onto the whole model
+
+    def forward(self, mlvl_volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.dense_rows(self.model.head_forward(mlvl_volume))
 
     def example_inputs(self) -> tuple[torch.Tensor]:
         """Random inputs of the configured shape (seeded)."""
@@ -1088,6 +1290,108 @@ def postprocess(
     )
 
 
+# --------------------------------------------------------------------------- lookup-table files
+
+
+TABLE_NAMES: tuple[str, ...] = ("x", "y", "valid_c_idx", "anchors")
+"""Lookup tables as files `<name>.tensor`, CUDA-FastBEV's example-data names."""
+
+
+def _table_spec(config: FastBEVConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    nvox = int(np.prod(config.grid))
+    cams = (config.num_cams, nvox)
+    return {
+        "x": (cams, torch.int64),
+        "y": (cams, torch.int64),
+        "valid_c_idx": (cams, torch.float32),
+        "anchors": ((config.num_anchors, BOX_CODE_SIZE), torch.float32),
+    }
+
+
+def check_lookup_tables(
+    tables: Mapping[str, torch.Tensor], config: FastBEVConfig
+) -> dict[str, str]:
+    """Problems of the given tables (a subset of `TABLE_NAMES`) against `config`, by name.
+
+    Shapes and dtypes must be those of `_table_spec`; `valid_c_idx` holds only 0 and 1; where it
+    is 1, x and y lie inside the feature map (else the gather would read another pixel).
+    """
+    spec = _table_spec(config)
+    height, width = config.feat_hw
+    problems: dict[str, str] = {}
+    for name, table in tables.items():
+        shape, dtype = spec[name]
+        if tuple(table.shape) != shape or table.dtype != dtype:
+            what = f"{config.num_anchors} anchors" if name == "anchors" else (
+                f"{config.num_cams} cameras and grid {tuple(config.grid)}"
+            )
+            problems[name] = (
+                f"'{name}' is {str(table.dtype).removeprefix('torch.')} {list(table.shape)}, "
+                f"expected {str(dtype).removeprefix('torch.')} {list(shape)} for {what}"
+            )
+    if problems or "valid_c_idx" not in tables:
+        return problems
+    valid = tables["valid_c_idx"]
+    if not bool(((valid == 0) | (valid == 1)).all()):
+        problems["valid_c_idx"] = "'valid_c_idx' holds values other than 0 and 1"
+        return problems
+    hit = valid == 1
+    for name, limit in (("x", width), ("y", height)):
+        if name in tables:
+            values = tables[name][hit]
+            if values.numel() and (int(values.min()) < 0 or int(values.max()) >= limit):
+                problems[name] = (
+                    f"'{name}' has valid entries outside 0..{limit - 1} "
+                    f"(feature map {height}x{width})"
+                )
+    return problems
+
+
+def load_lookup_tables(
+    directory: str | os.PathLike[str], config: FastBEVConfig
+) -> tuple[LookupTables, torch.Tensor] | None:
+    """Tables and anchors from `<directory>/{x,y,valid_c_idx,anchors}.tensor`, checked
+    against `config`; None when none of the four files exists.
+
+    Raises HarnessError naming the file when only some exist, one cannot be read, or its shape,
+    dtype or values do not fit the configured cameras, grid, feature map or anchors.
+    """
+    folder = Path(directory)
+    paths = {name: folder / f"{name}.tensor" for name in TABLE_NAMES}
+    present = {name for name, path in paths.items() if path.is_file()}
+    if not present:
+        return None
+    if len(present) < len(paths):
+        missing = ", ".join(str(paths[n]) for n in TABLE_NAMES if n not in present)
+        raise HarnessError(f"lookup tables in {folder} are incomplete: missing {missing}")
+    loaded: dict[str, torch.Tensor] = {}
+    for name, path in paths.items():
+        try:
+            loaded[name] = torch.from_numpy(np.array(tensorfile.load(path)))
+        except TensorFileError as exc:
+            raise HarnessError(f"lookup table {path}: {exc}") from exc
+    problems = check_lookup_tables(loaded, config)
+    if problems:
+        name = next(iter(problems))
+        raise HarnessError(f"lookup table {paths[name]}: {problems[name]}")
+    tables = LookupTables(loaded["x"], loaded["y"], loaded["valid_c_idx"])
+    return tables, loaded["anchors"]
+
+
+def rig_lookup_tables(config: FastBEVConfig) -> LookupTables:
+    """The tables of `harness.datasets.scenes.camera_rig` at the configured image size."""
+    if config.num_cams != 6:
+        raise HarnessError(
+            f"the synthetic camera rig has 6 cameras, the model {config.num_cams}; "
+            "pass tables_dir with tables for your rig"
+        )
+    _, _, lidar2img = camera_rig(*config.image_hw)
+    return build_lookup_tables(
+        torch.from_numpy(lidar2img), config.feat_hw, config.grid, config.voxel_size,
+        config.point_cloud_range, config.feat_stride,
+    )  # fmt: skip
+
+
 # --------------------------------------------------------------------------- factory
 
 
@@ -1098,12 +1402,21 @@ def _as_config_value(value: Any) -> Any:
     return value
 
 
-def fastbev_r18(profile: str = "full", seed: int = 0, **overrides: Any) -> FastBEV:
-    """FastBEV-R18 in eval mode with seeded random weights.
+def fastbev_r18(
+    profile: str = "full",
+    seed: int = 0,
+    tables_dir: str | os.PathLike[str] | None = None,
+    **overrides: Any,
+) -> FastBEV:
+    """FastBEV-R18 in eval mode with seeded random weights and its view-transform tables.
 
     `profile` 'full' is the seed (6x3x256x704 images, 200x200x4 voxels of 0.5x0.5x1.5 m, FPN 64,
     neck 192, top-1000); 'ci' keeps the structure at 6x3x64x176, 50x50x4 voxels of 2x2x1.5 m
     and narrow widths so it runs on 2 CPU cores. Keyword overrides replace `FastBEVConfig` fields.
+    The lookup tables and anchors come from `tables_dir/{x,y,valid_c_idx,anchors}.tensor` when
+    those files exist (checked against the configuration: `load_lookup_tables`; a relative
+    path is taken from the working directory), else from the synthetic camera rig
+    (`rig_lookup_tables`) and `grid_anchors`.
     """
     if profile not in _PROFILES:
         raise HarnessError(
@@ -1119,4 +1432,9 @@ def fastbev_r18(profile: str = "full", seed: int = 0, **overrides: Any) -> FastB
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = FastBEV(config)
+    loaded = None if tables_dir is None else load_lookup_tables(tables_dir, config)
+    if loaded is None:
+        model.set_lookup_tables(rig_lookup_tables(config))
+    else:
+        model.set_lookup_tables(*loaded)
     return model.eval()
