@@ -166,11 +166,9 @@ class QuantSpec(_Strict):
     def _quantizer_resolves(cls, value: str | None) -> str | None:
         if value is not None:
             try:
-                target = resolve(value)
+                resolve(value)
             except FactoryError as exc:
                 raise ValueError(str(exc)) from None
-            if not callable(target):
-                raise ValueError(f"{value} is not callable")
         return value
 
 

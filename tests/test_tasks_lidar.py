@@ -181,11 +181,3 @@ def test_case_errors_name_the_key(tmp_path: Path, edit: tuple[str, str], message
     with pytest.raises(CaseError, match=message):
         run.adapter  # noqa: B018 - building the adapter validates the case
 
-
-def test_task_args_enter_the_config_hash_only_when_set(tmp_path: Path) -> None:
-    plain = load_case(_case(tmp_path), root=tmp_path).config_hash()
-    explicit = load_case(_case(tmp_path, CASE.replace("task: lidar", "task: lidar\ntask_args: {index_order: zyx}")),
-                         root=tmp_path).config_hash()
-    xyz = load_case(_case(tmp_path, CASE.replace("task: lidar", "task: lidar\ntask_args: {index_order: xyz}")),
-                    root=tmp_path).config_hash()
-    assert len({plain, explicit, xyz}) == 3
