@@ -275,6 +275,7 @@ custom.export_scn = _without_activation
 '''
 
 
+@pytest.mark.slow
 def test_schema_violation_is_a_failing_item_in_pytest(pytester: pytest.Pytester) -> None:
     """The scn-ref golden item is the schema item: it validates the export before running it."""
     (pytester.path / "pyproject.toml").write_text(

@@ -75,6 +75,7 @@ def parse_report(text: str) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 def test_compare_cli_matches_nvidia_statistics_on_scn_ref_output(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = CaseRun(load_case(CASE), RunOptions(torch.device("cpu"), tmp_path / "cache"))
