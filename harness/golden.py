@@ -37,6 +37,9 @@ META = "meta.json"
 KINDS = ("inputs", "outputs")
 #: meta.json entries that survive regeneration of the tensors (written by their own commands)
 KEPT_KEYS = ("float_metric", "baselines", "training")
+#: of those, the ones that describe results of one model and data config (dropped when it changes)
+RESULT_KEYS = ("float_metric", "baselines")
+IDENTITY_KEYS = ("config_hash", "checkpoint_sha256")
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,8 @@ class GoldenStore:
 
     def write(self, tensors: Mapping[str, Mapping[str, np.ndarray]], meta: Mapping[str, Any],
               files: Mapping[str, GoldenFile] | None = None) -> None:
-        """Write inputs/outputs tensors then meta.json (keeping float metric, baselines, training).
+        """Write inputs/outputs tensors then meta.json. The training record is kept; the float
+        metric and baselines are kept only when config hash and checkpoint are unchanged.
 
         `tensors` maps "inputs"/"outputs" to named arrays; `files` says how a tensor name is
         stored when not as `<name>.tensor` in its own dtype (recorded in meta.json's
@@ -149,7 +153,9 @@ class GoldenStore:
                     stored = _golden_array(stored) if dtype is None else stored.astype(dtype)
                     tensorfile.save(path, stored)
                     hashes[f"{kind}/{path.name}"] = _sha256(path)
-            new: dict[str, Any] = {key: old[key] for key in KEPT_KEYS if key in old}
+            same_identity = all(old.get(k) == meta.get(k) for k in IDENTITY_KEYS)
+            new: dict[str, Any] = {key: old[key] for key in KEPT_KEYS
+                                   if key in old and (same_identity or key not in RESULT_KEYS)}
             new.update(meta)
             new["format"] = FORMAT
             new["files"] = hashes
