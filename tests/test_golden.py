@@ -75,7 +75,7 @@ def test_write_read_round_trip(store: GoldenStore) -> None:
     assert json.loads(store.meta_path.read_text()) == meta
 
 
-def test_meta_keeps_float_metric_and_baselines_across_rewrites(store: GoldenStore) -> None:
+def test_meta_keeps_float_metric_and_baselines_across_rewrites_of_the_same_model(store: GoldenStore) -> None:
     store.write(tensors(), META)
 
     def record(meta: dict[str, Any]) -> None:
@@ -83,11 +83,10 @@ def test_meta_keeps_float_metric_and_baselines_across_rewrites(store: GoldenStor
         meta["baselines"] = {"ort-int8": {"miou": 0.70}}
 
     store.update_meta(record)
-    store.write(tensors(), {**META, "config_hash": "d" * 64})
+    store.write(tensors(), {**META, "created_at": "later"})
     meta = store.meta()
     assert meta["float_metric"] == {"miou": 0.71}
     assert meta["baselines"] == {"ort-int8": {"miou": 0.70}}
-    assert meta["config_hash"] == "d" * 64
     # Explicit values in the new meta win over the stored ones.
     store.write(tensors(), {**META, "float_metric": {"miou": 0.5}})
     assert store.meta()["float_metric"] == {"miou": 0.5}
@@ -244,3 +243,18 @@ def test_golden_file_names_must_be_plain_and_distinct(store: GoldenStore, files:
     with pytest.raises(GoldenError, match=re.escape(fragment)):
         store.write(tensors(), META, files)
     assert not store.exists()
+
+
+def test_results_are_dropped_when_the_identity_changes(tmp_path: Path) -> None:
+    from harness.golden import GoldenStore
+
+    store = GoldenStore(tmp_path / "g", "pytest x --update-golden")
+    tensors = {"inputs": {"x": np.zeros(2, np.float32)}, "outputs": {"y": np.ones(2, np.float32)}}
+    store.write(tensors, {"config_hash": "a", "checkpoint_sha256": "c"})
+    store.update_meta(lambda m: m.update(baselines={"b": {"miou": 0.5}}, float_metric={"miou": 0.6},
+                                         training={"steps": 3}))
+    store.write(tensors, {"config_hash": "a", "checkpoint_sha256": "c"})
+    assert store.meta()["baselines"] == {"b": {"miou": 0.5}}
+    store.write(tensors, {"config_hash": "changed", "checkpoint_sha256": "c"})
+    meta = store.meta()
+    assert "baselines" not in meta and "float_metric" not in meta and meta["training"] == {"steps": 3}
