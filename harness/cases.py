@@ -156,6 +156,20 @@ class QuantSpec(_Strict):
     fold_bn: bool = True
     calibration_batches: int = Field(8, ge=1)
     calibration_batch_size: int = Field(2, ge=1)
+    quantizer: str | None = Field(
+        None, description='"module:callable" called like harness.quant.transform:quantize_model(model, config, '
+                          "example_inputs=...) to make the quantizable model (default: that dense quantizer; "
+                          "harness.quant.sparse:quantize_scn_model for spconv models)")
+
+    @field_validator("quantizer")
+    @classmethod
+    def _quantizer_resolves(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                resolve(value)
+            except FactoryError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class MetricSpec(_Strict):
@@ -192,6 +206,7 @@ class CaseSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     description: str = ""
     task: str
+    task_args: dict[str, Any] = Field(default_factory=dict, description="keyword options of the task adapter")
     model: ModelSpec
     data: DataSpec
     golden: GoldenSpec
@@ -270,8 +285,8 @@ class Case:
         return CaseError(self.path, message, line=self.line_of(*key), key=".".join(key) or None)
 
     def config_hash(self) -> str:
-        """Hash of everything that determines golden inputs and float outputs (model, data, task,
-        golden sample count, stages); tolerances, gates and backends do not enter it."""
+        """Hash of everything that determines golden inputs and float outputs (model, data, task and
+        its options, golden sample count, stages); tolerances, gates and backends do not enter it."""
         s = self.spec
         payload = {
             "task": s.task,
@@ -280,6 +295,8 @@ class Case:
             "golden_samples": s.golden.samples,
             "stages": {k: v.model_dump() for k, v in s.stages.items()},
         }
+        if s.task_args:  # only when set, so the hashes of cases without task options stay as they were
+            payload["task_args"] = s.task_args
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -7,6 +7,10 @@ Layout of `golden/<case>/`:
                             creation command, sha256 of every tensor file, stage input/output
                             names, float metric, per-backend baseline metrics
 
+A task may store a tensor under another file name and dtype (`GoldenFile`: the SCN case writes
+NVIDIA's `in_features.torch.fp16.tensor` for its `features` input, so the C++ engine reads the
+same files); meta.json's `tensor_files` then maps tensor names to file stems, and readers follow it.
+
 Files are written only on request (`--update-golden`), each atomically, meta.json last; readers
 verify every tensor against the hashes in meta.json, so a half-updated folder is detected.
 """
@@ -17,6 +21,7 @@ import hashlib
 import json
 import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,18 @@ META = "meta.json"
 KINDS = ("inputs", "outputs")
 #: meta.json entries that survive regeneration of the tensors (written by their own commands)
 KEPT_KEYS = ("float_metric", "baselines", "training")
+#: of those, the ones that describe results of one model and data config (dropped when it changes)
+RESULT_KEYS = ("float_metric", "baselines")
+IDENTITY_KEYS = ("config_hash", "checkpoint_sha256")
+
+
+@dataclass(frozen=True)
+class GoldenFile:
+    """How one golden tensor is stored: file name without `.tensor`, and the dtype written
+    (None: as produced, with bool -> uint8 and float64 -> float32)."""
+
+    stem: str
+    dtype: np.dtype[Any] | None = None
 
 
 def _golden_array(array: np.ndarray) -> np.ndarray:
@@ -88,11 +105,9 @@ class GoldenStore:
         return meta
 
     def read(self, kind: str, name: str, meta: Mapping[str, Any]) -> np.ndarray:
-        """One golden tensor (`.tensor`, else `.npy`), verified against meta.json's sha256."""
-        path = self._path(kind, name)
-        if path is None:
-            raise GoldenError(f"golden {kind[:-1]} '{name}' is missing in {self.dir / kind}.\n"
-                              f"Regenerate with: {self.hint}")
+        """One golden tensor (`.tensor`, else `.npy`; under the file stem meta.json's
+        `tensor_files` gives, else its name), verified against meta.json's sha256."""
+        path = self.path_of(kind, name, meta)
         expected = meta.get("files", {}).get(f"{kind}/{path.name}")
         if expected is not None and _sha256(path) != expected:
             raise GoldenError(f"{path} does not match the sha256 in {self.meta_path} (partly updated or edited).\n"
@@ -102,35 +117,55 @@ class GoldenStore:
         except TensorFileError as exc:
             raise GoldenError(f"{exc}\nRegenerate with: {self.hint}") from exc
 
-    def _path(self, kind: str, name: str) -> Path | None:
+    def path_of(self, kind: str, name: str, meta: Mapping[str, Any]) -> Path:
+        """The file holding golden tensor `name` (`<stem>.tensor`, else `.npy`, the stem from
+        meta.json's `tensor_files`, else the name); GoldenError with the hint when missing."""
+        stem = meta.get("tensor_files", {}).get(kind, {}).get(name, name)
         for suffix in (".tensor", ".npy"):
-            path = self.dir / kind / f"{name}{suffix}"
+            path = self.dir / kind / f"{stem}{suffix}"
             if path.is_file():
                 return path
-        return None
+        shown = name if stem == name else f"{name}' ('{stem}.tensor"
+        raise GoldenError(f"golden {kind[:-1]} '{shown}' is missing in {self.dir / kind}.\n"
+                          f"Regenerate with: {self.hint}")
 
-    def write(self, tensors: Mapping[str, Mapping[str, np.ndarray]], meta: Mapping[str, Any]) -> None:
-        """Write inputs/outputs tensors then meta.json (keeping float metric, baselines, training).
+    def write(self, tensors: Mapping[str, Mapping[str, np.ndarray]], meta: Mapping[str, Any],
+              files: Mapping[str, GoldenFile] | None = None) -> None:
+        """Write inputs/outputs tensors then meta.json. The training record is kept; the float
+        metric and baselines are kept only when config hash and checkpoint are unchanged.
 
-        `tensors` maps "inputs"/"outputs" to named arrays. Tensor files that are no longer part of
-        the golden set are removed after the new meta.json is in place.
+        `tensors` maps "inputs"/"outputs" to named arrays; `files` says how a tensor name is
+        stored when not as `<name>.tensor` in its own dtype (recorded in meta.json's
+        `tensor_files`; GoldenError for file names that are not plain or that collide). Tensor
+        files that are no longer part of the golden set are removed after the new meta.json is
+        in place.
         """
+        files = files or {}
+        stems = {kind: _stems(tensors.get(kind, {}), files, kind) for kind in KINDS}
         with _lock(self.meta_path):
             old = self._meta_or_empty()
-            files: dict[str, str] = {}
+            hashes: dict[str, str] = {}
             for kind in KINDS:
                 for name, array in tensors.get(kind, {}).items():
-                    path = self.dir / kind / f"{name}.tensor"
-                    tensorfile.save(path, _golden_array(np.asarray(array)))
-                    files[f"{kind}/{path.name}"] = _sha256(path)
-            new: dict[str, Any] = {key: old[key] for key in KEPT_KEYS if key in old}
+                    path = self.dir / kind / f"{stems[kind][name]}.tensor"
+                    stored = np.asarray(array)
+                    dtype = files[name].dtype if name in files else None
+                    stored = _golden_array(stored) if dtype is None else stored.astype(dtype)
+                    tensorfile.save(path, stored)
+                    hashes[f"{kind}/{path.name}"] = _sha256(path)
+            same_identity = all(old.get(k) == meta.get(k) for k in IDENTITY_KEYS)
+            new: dict[str, Any] = {key: old[key] for key in KEPT_KEYS
+                                   if key in old and (same_identity or key not in RESULT_KEYS)}
             new.update(meta)
             new["format"] = FORMAT
-            new["files"] = files
+            new["files"] = hashes
+            renamed = {kind: {n: s for n, s in named.items() if s != n} for kind, named in stems.items()}
+            if any(renamed.values()):
+                new["tensor_files"] = {kind: named for kind, named in renamed.items() if named}
             write_json_atomic(self.meta_path, new)
             for kind in KINDS:
                 for path in (self.dir / kind).glob("*"):
-                    if path.is_file() and f"{kind}/{path.name}" not in files:
+                    if path.is_file() and f"{kind}/{path.name}" not in hashes:
                         path.unlink()
 
     def update_meta(self, change: Callable[[dict[str, Any]], None]) -> None:
@@ -145,6 +180,23 @@ class GoldenStore:
             return self.meta()
         except GoldenError:
             return {}
+
+
+def _stems(named: Mapping[str, np.ndarray], files: Mapping[str, GoldenFile], kind: str) -> dict[str, str]:
+    """File stem of each tensor name; GoldenError for a stem that is no plain file name or that
+    two tensors share."""
+    stems: dict[str, str] = {}
+    owner: dict[str, str] = {}
+    for name in named:
+        stem = files[name].stem if name in files else name
+        if name in files and (not stem or Path(stem).name != stem or stem.startswith(".")):
+            raise GoldenError(f"golden file name '{stem}' of tensor '{name}' is not a plain file name")
+        if stem in owner:
+            raise GoldenError(f"golden {kind}: tensors '{owner[stem]}' and '{name}' would both be stored "
+                              f"as {stem}.tensor")
+        owner[stem] = name
+        stems[name] = stem
+    return stems
 
 
 def _lock(path: Path) -> FileLock:

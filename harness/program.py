@@ -75,9 +75,10 @@ class Program:
         self.stages = dict(stages)
 
     @classmethod
-    def single(cls, model: nn.Module, inputs: tuple[str, ...], outputs: tuple[str, ...]) -> Program:
-        """The whole model as one stage named "model"."""
-        return cls(model, {SINGLE_STAGE: Stage(SINGLE_STAGE, model, inputs, outputs)})
+    def single(cls, model: nn.Module, inputs: tuple[str, ...], outputs: tuple[str, ...],
+               dynamic_batch: bool = True) -> Program:
+        """The whole model as one stage named "model" (dim 0 a batch dimension if `dynamic_batch`)."""
+        return cls(model, {SINGLE_STAGE: Stage(SINGLE_STAGE, model, inputs, outputs, dynamic_batch)})
 
     @classmethod
     def staged(cls, model: nn.Module, spec: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]]) -> Program:

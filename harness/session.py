@@ -184,10 +184,10 @@ class CaseRun:
         stages = self.case.spec.stages
         adapter = self.adapter
         if not stages:
-            return Program.single(model, adapter.input_names, adapter.output_names)
+            return Program.single(model, adapter.input_names, adapter.output_names, adapter.dynamic_batch)
         if list(stages) == ["model"]:
             only = stages["model"]
-            return Program.single(model, tuple(only.inputs), tuple(only.outputs))
+            return Program.single(model, tuple(only.inputs), tuple(only.outputs), adapter.dynamic_batch)
         try:
             return Program.staged(model, {k: (tuple(v.inputs), tuple(v.outputs)) for k, v in stages.items()})
         except HarnessError as exc:
@@ -237,7 +237,8 @@ class CaseRun:
         return records
 
     def golden_record(self) -> dict[str, StageRecord]:
-        """The golden stage records from disk (regenerated first under --update-golden)."""
+        """The golden stage records from disk (regenerated first under --update-golden); the
+        task adapter checks the inputs (errors name the golden file)."""
         if self.options.update_golden and not self._golden_written:
             self.write_golden()
         meta = self.golden.check_fresh(self.case.config_hash(), self.checkpoint_sha256)
@@ -247,14 +248,14 @@ class CaseRun:
             if name not in stages:
                 raise GoldenError(f"golden meta {self.golden.meta_path} has no stage '{name}'.\n"
                                   f"Regenerate with: {self.golden.hint}")
-            out[name] = StageRecord(
-                {n: self.golden.read("inputs", n, meta) for n in stages[name]["inputs"]},
-                {n: self.golden.read("outputs", n, meta) for n in stages[name]["outputs"]},
-            )
+            inputs = {n: self.golden.read("inputs", n, meta) for n in stages[name]["inputs"]}
+            self.adapter.check_inputs(inputs, {n: str(self.golden.path_of("inputs", n, meta)) for n in inputs})
+            out[name] = StageRecord(inputs, {n: self.golden.read("outputs", n, meta) for n in stages[name]["outputs"]})
         return out
 
     def write_golden(self) -> None:
-        """Regenerate golden inputs, reference outputs and meta.json from the float model."""
+        """Regenerate golden inputs, reference outputs and meta.json from the float model, in
+        the file names and dtypes the task adapter asks for (`golden_layout`)."""
         reference = self.reference
         inputs: dict[str, np.ndarray] = {}
         outputs: dict[str, np.ndarray] = {}
@@ -273,7 +274,7 @@ class CaseRun:
             "stages": {n: {"inputs": list(r.inputs), "outputs": list(r.outputs)} for n, r in reference.items()},
         }
         model_files = self._write_model_files()
-        self.golden.write({"inputs": inputs, "outputs": outputs}, meta)
+        self.golden.write({"inputs": inputs, "outputs": outputs}, meta, self.adapter.golden_layout())
         if model_files:
             self.golden.update_meta(lambda m: m["files"].update(model_files))
         self._golden_written = True
@@ -563,7 +564,8 @@ class CaseRun:
             raise self.case.error("the case has no metric section", "metric")
         float_result = self.float_metric()
         values = self.metric_values(backend)
-        baselines = self._baselines().get(backend, {})
+        # Under --update-golden this run's figures become the new baseline, so the old one is not a gate.
+        baselines = {} if self.options.update_golden else self._baselines().get(backend, {})
         gate = self.case.spec.backends[backend].metric
         outcome = evaluate_gates(
             backend=backend, keys=self.gated_keys(values.primary), values=values.values,

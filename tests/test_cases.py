@@ -303,6 +303,24 @@ def test_unknown_factory(root: Path, factory: str, fragment: str) -> None:
     assert fragment in err.detail
 
 
+@pytest.mark.parametrize(
+    ("quantizer", "fragment"),
+    [("qh_test_case_factories:quantize", "has no attribute 'quantize'"),
+     ("qh_test_case_factories:NOT_CALLABLE", "not callable")],
+)
+def test_unknown_quantizer(root: Path, quantizer: str, fragment: str) -> None:
+    text = BASE.replace("golden: golden/tiny\n", f"golden: golden/tiny\nquant:\n  quantizer: {quantizer}\n")
+    err = case_error(root, text)
+    assert (err.key, err.line) == ("quant.quantizer", line_of(text, "quantizer:"))
+    assert fragment in err.detail
+
+
+def test_task_args_enter_the_hash_only_when_set(root: Path) -> None:
+    plain = load_case(write_case(root, BASE)).config_hash()
+    assert load_case(write_case(root, BASE.replace("task: tensors", "task: tensors\ntask_args: {}"))).config_hash() == plain
+    assert load_case(write_case(root, BASE.replace("task: tensors", "task: tensors\ntask_args: {a: 1}"))).config_hash() != plain
+
+
 def test_unknown_data_factory(root: Path) -> None:
     text = BASE.replace("qh_test_case_factories:Data", "qh_test_case_factories:Dta")
     err = case_error(root, text)

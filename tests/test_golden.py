@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 
 from harness import tensorfile
 from harness.errors import GoldenError
-from harness.golden import FORMAT, GoldenStore
+from harness.golden import FORMAT, GoldenFile, GoldenStore
 
 HINT = "pytest cases/tiny.yaml --update-golden"
 
@@ -74,7 +75,7 @@ def test_write_read_round_trip(store: GoldenStore) -> None:
     assert json.loads(store.meta_path.read_text()) == meta
 
 
-def test_meta_keeps_float_metric_and_baselines_across_rewrites(store: GoldenStore) -> None:
+def test_meta_keeps_float_metric_and_baselines_across_rewrites_of_the_same_model(store: GoldenStore) -> None:
     store.write(tensors(), META)
 
     def record(meta: dict[str, Any]) -> None:
@@ -82,11 +83,10 @@ def test_meta_keeps_float_metric_and_baselines_across_rewrites(store: GoldenStor
         meta["baselines"] = {"ort-int8": {"miou": 0.70}}
 
     store.update_meta(record)
-    store.write(tensors(), {**META, "config_hash": "d" * 64})
+    store.write(tensors(), {**META, "created_at": "later"})
     meta = store.meta()
     assert meta["float_metric"] == {"miou": 0.71}
     assert meta["baselines"] == {"ort-int8": {"miou": 0.70}}
-    assert meta["config_hash"] == "d" * 64
     # Explicit values in the new meta win over the stored ones.
     store.write(tensors(), {**META, "float_metric": {"miou": 0.5}})
     assert store.meta()["float_metric"] == {"miou": 0.5}
@@ -204,3 +204,57 @@ def test_failed_write_keeps_previous_meta(store: GoldenStore, monkeypatch: pytes
     with pytest.raises(OSError):
         store.write(tensors(), {**META, "config_hash": "f" * 64})
     assert store.meta_path.read_bytes() == before
+
+
+def test_golden_layout_chooses_file_names_and_dtypes(store: GoldenStore) -> None:
+    data = tensors()
+    files = {"image": GoldenFile("in_image.torch.fp16", np.dtype(np.float16)),
+             "logits": GoldenFile("out_logits.torch.fp16", np.dtype(np.float16)),
+             "ids": GoldenFile("in_ids.torch.int32", np.dtype(np.int32))}
+    store.write(data, META, files)
+    meta = store.meta()
+    assert meta["tensor_files"] == {"inputs": {"image": "in_image.torch.fp16", "ids": "in_ids.torch.int32"},
+                                    "outputs": {"logits": "out_logits.torch.fp16"}}
+    assert files_under(store.dir) == ["inputs/in_ids.torch.int32.tensor", "inputs/in_image.torch.fp16.tensor",
+                                      "inputs/mask.tensor", "meta.json", "outputs/depth.tensor",
+                                      "outputs/out_logits.torch.fp16.tensor"]
+    image = store.read("inputs", "image", meta)
+    assert image.dtype == np.float16 and np.array_equal(image, data["inputs"]["image"].astype(np.float16))
+    assert store.read("inputs", "ids", meta).dtype == np.int32
+    assert store.read("outputs", "logits", meta).dtype == np.float16
+    assert store.read("inputs", "mask", meta).dtype == np.uint8
+    assert store.path_of("inputs", "image", meta) == store.dir / "inputs/in_image.torch.fp16.tensor"
+    (store.dir / "inputs/in_image.torch.fp16.tensor").unlink()
+    expect_golden_error(lambda: store.read("inputs", "image", meta), "golden input 'image' ('in_image.torch.fp16.tensor"
+                        "' is missing")
+    # Rewriting without the mapping goes back to plain names and drops the renamed files.
+    store.write(data, META)
+    assert "tensor_files" not in store.meta()
+    assert "inputs/image.tensor" in files_under(store.dir) and "inputs/in_ids.torch.int32.tensor" not in files_under(store.dir)
+
+
+@pytest.mark.parametrize(("files", "fragment"), [
+    ({"image": GoldenFile("mask")}, "tensors 'image' and 'mask' would both be stored as mask.tensor"),
+    ({"image": GoldenFile("../escape")}, "golden file name '../escape' of tensor 'image' is not a plain file name"),
+    ({"image": GoldenFile("")}, "golden file name '' of tensor 'image'"),
+])
+def test_golden_file_names_must_be_plain_and_distinct(store: GoldenStore, files: dict[str, GoldenFile],
+                                                      fragment: str) -> None:
+    with pytest.raises(GoldenError, match=re.escape(fragment)):
+        store.write(tensors(), META, files)
+    assert not store.exists()
+
+
+def test_results_are_dropped_when_the_identity_changes(tmp_path: Path) -> None:
+    from harness.golden import GoldenStore
+
+    store = GoldenStore(tmp_path / "g", "pytest x --update-golden")
+    tensors = {"inputs": {"x": np.zeros(2, np.float32)}, "outputs": {"y": np.ones(2, np.float32)}}
+    store.write(tensors, {"config_hash": "a", "checkpoint_sha256": "c"})
+    store.update_meta(lambda m: m.update(baselines={"b": {"miou": 0.5}}, float_metric={"miou": 0.6},
+                                         training={"steps": 3}))
+    store.write(tensors, {"config_hash": "a", "checkpoint_sha256": "c"})
+    assert store.meta()["baselines"] == {"b": {"miou": 0.5}}
+    store.write(tensors, {"config_hash": "changed", "checkpoint_sha256": "c"})
+    meta = store.meta()
+    assert "baselines" not in meta and "float_metric" not in meta and meta["training"] == {"steps": 3}

@@ -4,6 +4,10 @@ The float model is copied, BN is folded, layers are swapped for quantized ones a
 quantizers shared (`harness.quant.transform`); activations are calibrated on the case's
 calibration split through the whole program (multi-stage glue included), and the resulting amax
 values are cached on disk keyed by model, quant settings and calibration data.
+
+Models whose layers the dense quantizer does not know name their own in `quant.quantizer`
+("module:callable" with `quantize_model`'s signature, e.g. `harness.quant.sparse:quantize_scn_model`
+for spconv models); calibration, the amax cache and every int8 backend stay the same.
 """
 
 from __future__ import annotations
@@ -11,15 +15,16 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from harness.cases import QuantSpec
 from harness.errors import QuantError
+from harness.factory import resolve
 from harness.quant.calibrate import calibrate, load_calibration_state
-from harness.quant.rules import ModelCall, QuantConfigError, get_rule
+from harness.quant.rules import Batch, ModelCall, QuantConfigError, get_rule
 from harness.quant.tensor_quantizer import QuantDescriptor
 from harness.quant.transform import QuantConfig, quantize_model
 
@@ -27,6 +32,22 @@ if TYPE_CHECKING:
     from harness.session import CaseRun
 
 AMAX_FILE = "amax.pt"
+_ERROR_KEYS = (("include", "include"), ("exclude", "exclude"), ("keep_float", "keep_float"), ("rule", "rules"),
+               ("unknown quantization rule", "rules"))
+
+
+class Quantizer(Protocol):
+    """Makes the quantizable (uncalibrated) copy of a float model, as `quantize_model` does."""
+
+    def __call__(self, model: nn.Module, config: QuantConfig, example_inputs: Batch | None = None) -> nn.Module: ...
+
+
+def quantizer(spec: QuantSpec) -> Quantizer:
+    """The case's `quant.quantizer` callable, or the dense `quantize_model` when none is named."""
+    if spec.quantizer is None:
+        return quantize_model
+    chosen: Quantizer = resolve(spec.quantizer)
+    return chosen
 
 
 def quant_config(spec: QuantSpec) -> QuantConfig:
@@ -66,7 +87,8 @@ def calibration_calls(run: CaseRun) -> list[ModelCall]:
 
 
 def calibrated_model(run: CaseRun) -> nn.Module:
-    """The case's model quantized per its quant section and calibrated (amax cached on disk).
+    """The case's model quantized per its quant section (by its `quantizer`) and calibrated
+    (amax cached on disk).
 
     Raises CaseError naming the quant key and entry (`quant.keep_float.1`, `quant.rules.0`) for
     unknown rules, patterns or rules that match nothing and rules that conflict with keep_float,
@@ -77,10 +99,15 @@ def calibrated_model(run: CaseRun) -> nn.Module:
     if not calls:
         raise run.case.error("the calibration split gives no batches", "data", "calibration")
     try:
-        model = quantize_model(run.float_model(), quant_config(spec), example_inputs=calls[0])
+        model = quantizer(spec)(run.float_model(), quant_config(spec), example_inputs=calls[0])
     except QuantConfigError as exc:
         entry = [] if exc.index is None else [str(exc.index)]
         raise run.case.error(str(exc), "quant", exc.key, *entry) from exc
+    except QuantError as exc:  # other quantizers name the setting at the start of their message
+        key = next((k for prefix, k in _ERROR_KEYS if str(exc).startswith(prefix)), "")
+        raise run.case.error(str(exc), "quant", *([key] if key else [])) from exc
+    if not isinstance(model, nn.Module):
+        raise run.case.error(f"{spec.quantizer} returned {type(model).__name__}, not an nn.Module", "quant", "quantizer")
 
     def build(folder: Path) -> None:
         state = calibrate(model, calls, num_batches=len(calls), desc=f"calibrate {run.case.name}")

@@ -10,6 +10,8 @@
 `keep_float`: by default the first layer, as NVIDIA's PTQ does after calibration, so PyTorch
 fake quantization matches the exported graph, whose first layer reads fp16 features.
 Calibrate with `harness.quant.calibrate.calibrate(model, [(features, indices), ...])`.
+`quantize_scn_model` is the same with `quantize_model`'s signature, for a case's
+`quant.quantizer`.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from torch import nn
 
 from harness.errors import QuantError
 from harness.quant.modules import QuantAdd, _QuantWeighted
+from harness.quant.rules import Batch
 from harness.quant.tensor_quantizer import QuantDescriptor, QuantMode, TensorQuantizer
-from harness.quant.transform import name_quantizers
+from harness.quant.transform import QuantConfig, name_quantizers
 from harness.zoo import ops
-from harness.zoo.centerpoint import conv_forward
+from harness.zoo.centerpoint import CenterPointSCN, conv_forward, fuse_bn
 
 SPARSE_INPUT_DESC = QuantDescriptor(calibrator="histogram", method="mse")
 SPARSE_WEIGHT_DESC = QuantDescriptor(axis=0)
@@ -109,3 +112,26 @@ def quantize_scn(
         setattr(model.get_submodule(parent) if parent else model, child, quant)
     name_quantizers(model)
     return model
+
+
+def quantize_scn_model(model: nn.Module, config: QuantConfig, example_inputs: Batch | None = None) -> nn.Module:
+    """`quantize_scn` driven by a case's quant section (the `quant.quantizer` protocol).
+
+    Activations use `config.activations` (NVIDIA: histogram, MSE), weights `config.weights`
+    (per output channel), adds `ADD_DESC`; `keep_float` names layers left in fp16. BN of a
+    `CenterPointSCN` is fused first when `config.fold_bn`. The SCN quantizer quantizes every
+    sparse conv and add, so include / exclude patterns and rules are errors naming the key;
+    `example_inputs` is not needed.
+    """
+    if tuple(config.include) != ("*",) or config.exclude:
+        key = "include" if tuple(config.include) != ("*",) else "exclude"
+        raise QuantError(f"{key}: the SCN quantizer quantizes every sparse conv and add; "
+                         "leave layers in fp16 with keep_float")
+    if config.rules:
+        raise QuantError(f"rules {[r.name for r in config.rules]}: the SCN quantizer shares the "
+                         "quantizer of each add's summands itself and takes no rules")
+    if config.fold_bn and isinstance(model, CenterPointSCN) and any(
+            isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+        model = fuse_bn(copy.deepcopy(model).eval())
+    return quantize_scn(model, keep_float=config.keep_float, input_desc=config.activations,
+                        weight_desc=config.weights, add_desc=ADD_DESC)

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from harness.factory import resolve
+from harness.golden import GoldenFile
 
 if TYPE_CHECKING:
     from harness.cases import Case
@@ -19,6 +21,7 @@ TASKS: dict[str, str] = {
     "segmentation": "harness.tasks.segmentation:SegmentationTask",
     "detection3d": "harness.tasks.detection3d:Detection3DTask",
     "tensors": "harness.tasks.tensors:TensorTask",
+    "lidar": "harness.tasks.lidar:LidarTask",
 }
 
 
@@ -61,6 +64,9 @@ class TaskAdapter(abc.ABC):
     #: input / output names of a single-stage model of this task
     input_names: tuple[str, ...] = ("input",)
     output_names: tuple[str, ...] = ("output",)
+    #: whether dim 0 of a single-stage model's inputs is a batch dimension (False for LiDAR voxel
+    #: lists, whose dim 0 counts voxels: exports and benchmarks then keep the shapes as they are)
+    dynamic_batch: bool = True
 
     def __init__(self, case: Case):
         self.case = case
@@ -79,6 +85,15 @@ class TaskAdapter(abc.ABC):
             if i >= max_batches:
                 break
             yield batch.inputs
+
+    def check_inputs(self, inputs: Mapping[str, np.ndarray], sources: Mapping[str, str]) -> None:  # noqa: B027 - optional hook
+        """Raise a HarnessError naming the source (e.g. the golden file) and the first bad element
+        for program inputs the model cannot take (e.g. repeated voxel indices). Default: no checks."""
+
+    def golden_layout(self) -> Mapping[str, GoldenFile]:
+        """How golden tensors are stored when not as `<tensor name>.tensor` in their own dtype,
+        by tensor name (e.g. NVIDIA's `in_features.torch.fp16` for the SCN engine). Default: none."""
+        return {}
 
     def unsupported_backends(self) -> Mapping[str, str]:
         """Backends that cannot run this task's models at all, with the skip reason (e.g. a
