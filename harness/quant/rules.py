@@ -47,6 +47,7 @@ from harness.zoo import ops
 from harness.zoo.resnet import BasicBlock, Bottleneck
 
 ModelCall = Callable[[nn.Module], Any]
+Batch = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | ModelCall
 
 
 class QuantConfigError(QuantError):
@@ -57,8 +58,6 @@ class QuantConfigError(QuantError):
         super().__init__(message)
         self.key = key
         self.index = index
-
-Batch = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | ModelCall
 
 
 def call_model(model: nn.Module, batch: Batch) -> Any:
