@@ -137,7 +137,8 @@ def benchmark_stage(run: Any, backend: str, stage: str, benchmark: Any) -> Recor
     calls = [runner.timed_call(stage, feeds) for feeds in feeds_sets]
     extra = {
         "case": run.case.name, "profile": run.case.profile, "backend": backend, "stage": stage,
-        "batch_size": spec.batch_size if dynamic else int(next(iter(golden.values())).shape[0]),
+        "batch_size": spec.batch_size if dynamic else None,
+        "input_shapes": {name: list(t.shape) for name, t in feeds_sets[0].items()},
         **machine_facts(runner.info),
     }
     timing = time_calls(benchmark, calls, rounds=spec.rounds, warmup=spec.warmup, extra=extra)

@@ -263,9 +263,9 @@ def _per_class_table(records: Sequence[Record]) -> list[str]:
     if not isinstance(float_classes, dict):
         return []
     backends = [(r.backend, r.metric["details"].get("per_class", {})) for r in metric_records if r.metric]
-    rows = []
-    for cls, value in float_classes.items():
-        rows.append([cls, _cell(value), *[_cell(per.get(cls)) for _, per in backends]])
+    # The float figures come from a JSON cache with sorted keys; a backend's keep the metric's order.
+    order = next((list(per) for _, per in backends if per), list(float_classes))
+    rows = [[cls, _cell(float_classes.get(cls)), *[_cell(per.get(cls)) for _, per in backends]] for cls in order]
     title = first["details"].get("per_class_title", "per class")
     return ["", f"### {title}", "", tabulate(rows, headers=["class", "float", *[b for b, _ in backends]],
                                             tablefmt="github", disable_numparse=True)]

@@ -99,16 +99,26 @@ def regenerate_command(case: Case) -> str:
     return f"pytest {rel} --update-golden{profile}"
 
 
+PATH_ARG_SUFFIXES = ("_dir", "_path", "_file")
+
+
+def _is_path_arg(key: str, value: object) -> bool:
+    """Factory arguments named *_dir / *_path / *_file are paths, resolved like case paths."""
+    return isinstance(value, str) and key.endswith(PATH_ARG_SUFFIXES)
+
+
 def build_float_model(case: Case) -> nn.Module:
     """Build the case's model on the CPU in float32 eval mode, loading its checkpoint if any.
 
     Checkpoints are read with `torch.load(weights_only=True)`; a state dict may be stored bare or
-    under "state_dict"/"model". Raises CaseError naming `model.checkpoint` on mismatching keys.
+    under "state_dict"/"model". Arguments named *_dir / *_path / *_file resolve against the project
+    root like every path in a case. Raises CaseError naming `model.checkpoint` on mismatching keys.
     """
     spec = case.spec.model
     torch.manual_seed(spec.seed)
+    args = {k: str(case.resolve_path(v)) if _is_path_arg(k, v) else v for k, v in spec.args.items()}
     try:
-        model = resolve(spec.factory)(**spec.args)
+        model = resolve(spec.factory)(**args)
     except TypeError as exc:
         raise case.error(f"factory {spec.factory} rejected its arguments: {exc}", "model", "args") from exc
     if not isinstance(model, nn.Module):

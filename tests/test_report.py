@@ -94,8 +94,8 @@ def test_summary_table(records: list[Record]) -> None:
 def test_write_reports(tmp_path: Path, records: list[Record]) -> None:
     out = tmp_path / "out" / "report"
     paths = write_reports(records, out)
-    assert sorted(p.name for p in paths) == ["report.json", "report.md"]
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+    assert sorted(p.name for p in paths) == ["latency.png", "report.json", "report.md"]  # records have timings
+    assert sorted(p.name for p in out.iterdir()) == ["latency.png", "report.json", "report.md"]
 
     def refuse(token: str) -> Any:
         raise ValueError(f"non-standard JSON constant {token}")
@@ -148,7 +148,9 @@ def test_markdown(tmp_path: Path, records: list[Record]) -> None:
     assert "nan" in car
     assert "![ort-int8 segmentation](pictures/seg.png)" in text
     assert "![ort-fp32 errors](/elsewhere/err.png)" in text
-    assert (write_reports(records, tmp_path)[0]).read_text() == text
+    written = write_reports(records, tmp_path)
+    assert written[0].read_text() == markdown(records, tmp_path, chart=tmp_path / "latency.png")
+    assert "![latency](latency.png)" in written[0].read_text() and "![latency]" not in text
 
 
 def test_skipped_only_and_empty() -> None:

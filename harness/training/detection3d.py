@@ -41,15 +41,16 @@ from torch.utils.data import DataLoader, Dataset
 from harness.errors import HarnessError
 from harness.metrics import nds
 from harness.tasks.detection3d import ground_truth_boxes, nms_config, prediction_boxes
-from harness.training.segmentation import (
+from harness.training.common import (
     CHECKPOINT,
     SUMMARY,
     WEIGHTS,
+    RangeSampler,
+    Schedule,
     TrainResult,
-    _hardware,
-    _Range,
-    _save_atomic,
-    _Schedule,
+    hardware,
+    save_atomic,
+    worker_init,
 )
 from harness.zoo.fastbev import (
     FastBEV,
@@ -197,15 +198,11 @@ class _Rendered(Dataset[Item]):
         return Item(images, torch.from_numpy(np.asarray(sample.lidar2img, np.float32)), compact, gt)
 
 
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-
-
 def _loader(items: Dataset[Item], start: int, stop: int, batch_size: int, workers: int,
             pin: bool) -> DataLoader[Item]:
     return DataLoader(
-        items, batch_size=batch_size, sampler=_Range(start, stop), num_workers=workers,
-        pin_memory=pin, collate_fn=collate_items, worker_init_fn=_worker_init if workers else None,
+        items, batch_size=batch_size, sampler=RangeSampler(start, stop), num_workers=workers,
+        pin_memory=pin, collate_fn=collate_items, worker_init_fn=worker_init if workers else None,
         prefetch_factor=4 if workers else None,
     )  # fmt: skip
 
@@ -229,8 +226,8 @@ def _render_all(dataset: SceneDataset, items: Dataset[Item], workers: int,
                 limit: int | None = None) -> list[Item]:
     n = len(dataset) if limit is None else min(limit, len(dataset))
     out: list[Item] = []
-    loader = DataLoader(items, batch_size=None, sampler=_Range(0, n), num_workers=workers,
-                        worker_init_fn=_worker_init if workers else None)
+    loader = DataLoader(items, batch_size=None, sampler=RangeSampler(0, n), num_workers=workers,
+                        worker_init_fn=worker_init if workers else None)
     # Tensors from workers live in shared memory, one file descriptor each; keeping thousands of
     # samples would exhaust the descriptor limit, so each one is copied into ordinary memory.
     out.extend(_clone_tree(item) for item in loader)
@@ -459,7 +456,7 @@ def train_detection3d(
         log(f"resumed {ckpt_path} at step {step}/{steps}")
 
     def save_checkpoint() -> None:
-        _save_atomic(
+        save_atomic(
             {
                 "recipe": _recipe_dict(recipe),
                 "model": model.state_dict(),
@@ -494,7 +491,7 @@ def train_detection3d(
             amp=recipe.amp, channels_last=recipe.channels_last,
         )  # fmt: skip
 
-    schedule = _Schedule(seed, len(dataset))
+    schedule = Schedule(seed, len(dataset))
     tables = _Tables(model)
     total = steps * batch_size
     store: _Store | None = None
@@ -568,7 +565,7 @@ def train_detection3d(
         k: v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()
         for k, v in model.state_dict().items()
     }
-    _save_atomic(exported, weights)
+    save_atomic(exported, weights)
     losses_logged = [h for h in history if "loss" in h]
     summary: dict[str, object] = {
         "command": command,
@@ -580,7 +577,7 @@ def train_detection3d(
         "train_eval_size": len(train_samples),
         "val": _nds_summary(val),
         "val_size": 0 if val_samples is None else len(val_samples),
-        "hardware": _hardware(device),
+        "hardware": hardware(device),
         "wall_time_s": round(elapsed + time.monotonic() - started, 1),
         "step_time_s": round(train_time / steps, 4),
         "weights": WEIGHTS,

@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,16 +32,23 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from harness.errors import HarnessError
 from harness.metrics.miou import MeanIoU, MeanIoUResult
 from harness.tasks.segmentation import IMAGENET_MEAN, IMAGENET_STD
+from harness.training.common import (
+    CHECKPOINT,
+    SUMMARY,
+    WEIGHTS,
+    RangeSampler,
+    Schedule,
+    TrainResult,
+    hardware,
+    save_atomic,
+    worker_init,
+)
 from harness.zoo.pidnet import inference_state_dict
-
-CHECKPOINT = "checkpoint.pt"
-WEIGHTS = "model_fp16.pt"
-SUMMARY = "summary.json"
 
 
 class SegSample(Protocol):
@@ -102,19 +108,6 @@ class TrainRecipe:
             raise HarnessError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if min(self.crop) < 8:
             raise HarnessError(f"crop must be at least 8x8, got {self.crop}")
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """Where a (possibly partial) run stands. `weights` and `summary_path` exist once finished."""
-
-    out_dir: Path
-    step: int
-    finished: bool
-    checkpoint: Path
-    weights: Path | None
-    summary_path: Path | None
-    summary: dict[str, object]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,28 +218,6 @@ def pidnet_loss(
 # Data: a deterministic schedule, rendering in DataLoader workers, augmentation on the device.
 
 
-class _Schedule:
-    """Which dataset index and which augmentation parameters global sample number g gets."""
-
-    def __init__(self, seed: int, size: int) -> None:
-        self.seed = seed
-        self.size = size
-        self._epoch = -1
-        self._perm: npt.NDArray[np.int64] = np.arange(size)
-
-    def index(self, g: int) -> int:
-        epoch, pos = divmod(g, self.size)
-        if epoch != self._epoch:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0, epoch]))
-            self._perm = rng.permutation(self.size)
-            self._epoch = epoch
-        return int(self._perm[pos])
-
-    def params(self, g: int) -> npt.NDArray[np.float64]:
-        """Four uniforms in [0, 1): scale, crop y, crop x, flip."""
-        return np.random.default_rng(np.random.SeedSequence([self.seed, 1, g])).random(4)
-
-
 class _Rendered(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Dataset items as tensors ((3, H, W) uint8 image, (H, W) uint8 label); item i is dataset
     item `index(i)`. Rendering happens wherever this is indexed (DataLoader workers)."""
@@ -264,22 +235,6 @@ class _Rendered(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return image, torch.from_numpy(np.ascontiguousarray(sample.label))
 
 
-class _Range(Sampler[int]):
-    def __init__(self, start: int, stop: int) -> None:
-        self.start = start
-        self.stop = stop
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop))
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-
-
 def _loader(
     items: Dataset[tuple[torch.Tensor, torch.Tensor]],
     start: int,
@@ -291,10 +246,10 @@ def _loader(
     return DataLoader(
         items,
         batch_size=batch_size,
-        sampler=_Range(start, stop),
+        sampler=RangeSampler(start, stop),
         num_workers=workers,
         pin_memory=pin,
-        worker_init_fn=_worker_init if workers else None,
+        worker_init_fn=worker_init if workers else None,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
     )
@@ -429,30 +384,10 @@ def _make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimi
     return torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
 
 
-def _save_atomic(obj: object, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _recipe_dict(recipe: TrainRecipe) -> dict[str, object]:
     return {
         k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(recipe).items()
     }
-
-
-def _hardware(device: torch.device) -> dict[str, object]:
-    info: dict[str, object] = {
-        "device": str(device),
-        "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def _describe(dataset: SegDataset) -> str:
@@ -584,7 +519,7 @@ def train_segmentation(
         log(f"resumed {ckpt_path} at step {step}/{steps}")
 
     def save_checkpoint() -> None:
-        _save_atomic(
+        save_atomic(
             {
                 "recipe": _recipe_dict(recipe),
                 "model": model.state_dict(),
@@ -618,7 +553,7 @@ def train_segmentation(
             amp=recipe.amp, channels_last=recipe.channels_last,
         )  # fmt: skip
 
-    schedule = _Schedule(seed, len(dataset))
+    schedule = Schedule(seed, len(dataset))
     total = steps * batch_size
     store: tuple[torch.Tensor, torch.Tensor] | None = None
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -693,7 +628,7 @@ def train_segmentation(
         k: v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()
         for k, v in export(model.state_dict()).items()
     }
-    _save_atomic(exported, weights)
+    save_atomic(exported, weights)
     summary: dict[str, object] = {
         "command": command,
         "steps": steps,
@@ -703,7 +638,7 @@ def train_segmentation(
         "val_miou": None if val is None else round(val.miou, 4),
         "val_iou": None if val is None else _class_ious(val, class_names),
         "val_pixel_acc": None if val is None else round(val.pixel_acc, 4),
-        "hardware": _hardware(device),
+        "hardware": hardware(device),
         "wall_time_s": round(elapsed + time.monotonic() - started, 1),
         "step_time_s": round(train_time / steps, 4),
         "weights": WEIGHTS,
