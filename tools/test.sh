@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The test job (CI runs exactly this after tools/setup.sh): static checks, unit and property
-# tests, the built-in cases on the CPU backends, and the CPU benchmarks.
+# The test job (CI runs exactly this after tools/setup.sh): static checks (ruff; mypy --strict,
+# the TensorRT backend against TensorRT's type stubs), unit and property tests, the built-in cases
+# on the CPU backends (golden, metric, fidelity and benchmark items), and the library benchmarks.
+# Reports land in reports/ (the CI artefacts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONDONTWRITEBYTECODE=1
 .venv/bin/ruff check harness tests tools
 .venv/bin/mypy
-.venv/bin/pytest tests/ cases/ "$@"
+.venv/bin/pytest tests/ cases/ --report-dir reports/ --benchmark-json reports/benchmarks-cases.json "$@"
+.venv/bin/pytest tests/bench_*.py -q --benchmark-json reports/benchmarks-library.json
