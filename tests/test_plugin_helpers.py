@@ -14,7 +14,7 @@ def test_selected_backends_accepts_repeats_and_comma_lists() -> None:
     assert plugin.selected_backends([]) is None
     assert plugin.selected_backends(["ort-int8,torch-fp32", "ort-int8", " trt-int8 "]) == (
         "ort-int8", "torch-fp32", "trt-int8")
-    with pytest.raises(pytest.UsageError, match="unknown backend.*bogus.*known backends: torch-fp32"):
+    with pytest.raises(pytest.UsageError, match=r"unknown backend.*bogus.*known backends: torch-fp32"):
         plugin.selected_backends(["bogus"])
 
 
