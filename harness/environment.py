@@ -40,6 +40,21 @@ def cpu_flags() -> tuple[str, ...]:
     return ()
 
 
+_VNNI = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_gemm_saturates(flags: tuple[str, ...] | None = None, machine: str | None = None) -> bool:
+    """True when ONNX Runtime's U8S8 int8 kernels can saturate on this CPU (or on one with `flags`
+    and `machine`): x86-64 without VNNI, where MLAS multiplies with `vpmaddubsw` (pairs of
+    u8 x s8 products summed in saturating int16). VNNI (`vpdpbusd`) and ARM dot products
+    accumulate in int32. An x86-64 CPU whose flags cannot be read counts as saturating."""
+    flags = cpu_flags() if flags is None else flags
+    machine = (platform.machine() if machine is None else machine).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return False
+    return not any(f in flags for f in _VNNI)
+
+
 @functools.cache
 def cpu_name() -> str:
     """The CPU model name, or the platform's processor string."""

@@ -49,7 +49,8 @@ def test_case_passes_with_the_rules_item_and_per_stage_fidelity(tmp_path: Path) 
     assert camera["residual_adds"] == 16 and camera["concats"] == 3 and camera["unquantized_convs"] == []
     fidelity = next(r["fidelity"] for r in records if r["item"] == "fidelity")
     assert set(fidelity["stages"]) == set(STAGES)
-    assert min(c for outputs in fidelity["stages"].values() for c in outputs.values()) >= 0.999
+    # the case's gate (0.998): measured 0.99922 on an AVX512-VNNI Xeon, 0.99898 on an AVX2 EPYC
+    assert min(c for outputs in fidelity["stages"].values() for c in outputs.values()) >= 0.998
     markdown = (report / "report.md").read_text()
     assert "### Quantization rules (fakequant-int8, passed)" in markdown and "**0 violation(s)**" in markdown
     assert "| ort-int8  | fakequant-int8 | camera_backbone" in markdown

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from quant_nets import SmallNet, randomize_bn
 from torch import nn
 
+from harness.environment import int8_gemm_saturates
 from harness.errors import ExportError, QuantError
 from harness.export.qdq import (
     check_qdq_scales,
@@ -20,6 +21,7 @@ from harness.export.qdq import (
     int8_report,
     optimize_with_onnxruntime,
     resolve_module,
+    resolve_weight_codes,
 )
 from harness.quant.calibrate import calibrate
 from harness.quant.modules import QuantConv2d
@@ -138,3 +140,54 @@ def test_node_names_resolve_to_modules() -> None:
     assert resolve_module(model, "/block/conv1/conv1.0/Conv")[0] == "block.conv1.0"
     assert resolve_module(model, "/block/add_1/Add") == ("block.add", model.block.add)
     assert resolve_module(model, "/nothing/here/Op")[1] is None
+
+
+def _conv_pair_near_full_scale() -> tuple[nn.Module, torch.Tensor]:
+    """conv -> conv whose first conv (a QLinearConv in ONNX Runtime) sees activation codes near
+    255 (uint8, zero point 128) and weight codes near 127: u8 x s8 pair sums above int16."""
+    torch.manual_seed(0)
+    first, second = nn.Conv2d(16, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+    with torch.no_grad():
+        first.weight.uniform_(0.9, 1.0)
+        first.bias.zero_()
+    model = quantize_model(nn.Sequential(first, second), QuantConfig())
+    x = torch.rand(1, 16, 8, 8) * 0.2 + 0.8
+    calibrate(model, [(x,)], progress=False)
+    return model, x
+
+
+def test_uint8_weight_codes_run_exact_u8u8_kernels(tmp_path: Path) -> None:
+    model, x = _conv_pair_near_full_scale()
+    path = export_qdq(model, (x,), tmp_path / "u8.onnx", layout="onnxruntime", weight_codes="uint8",
+                      input_names=["x"], output_names=["y"])
+    check_qdq_scales(path, model)
+    proto = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    weight_dqs = [n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert weight_dqs and all(inits[n.input[0]].dtype == np.uint8 and (inits[n.input[2]] == 128).all() for n in weight_dqs)
+    report = int8_report(optimize_with_onnxruntime(path, tmp_path / "u8.opt.onnx"))
+    assert report.count("QLinearConv") == 1 and report.count("ConvInteger") == 1 and not report.float_convs
+    with torch.no_grad():
+        fake = model(x).numpy()
+    assert np.abs(_run(path, x) - fake).max() < 1e-3 * np.abs(fake).max()
+
+
+@pytest.mark.skipif(not int8_gemm_saturates(), reason="this CPU has VNNI (or is not x86-64): its U8S8 kernels do not saturate")
+def test_int8_weight_codes_saturate_on_x86_without_vnni(tmp_path: Path) -> None:
+    """The hazard `weight_codes="auto"` avoids: ONNX Runtime's U8S8 QLinearConv overflows int16 here."""
+    model, x = _conv_pair_near_full_scale()
+    path = export_qdq(model, (x,), tmp_path / "s8.onnx", layout="onnxruntime", weight_codes="int8",
+                      input_names=["x"], output_names=["y"])
+    with torch.no_grad():
+        fake = model(x).numpy()
+    assert np.abs(_run(path, x) - fake).max() > 0.1 * np.abs(fake).max()
+    auto = export_qdq(model, (x,), tmp_path / "auto.onnx", layout="onnxruntime", input_names=["x"], output_names=["y"])
+    assert np.abs(_run(auto, x) - fake).max() < 1e-3 * np.abs(fake).max()
+
+
+def test_weight_codes_are_validated(tmp_path: Path) -> None:
+    model, x = _conv_pair_near_full_scale()
+    with pytest.raises(ExportError, match="unknown weight codes 'int4'"):
+        export_qdq(model, (x,), tmp_path / "m.onnx", weight_codes="int4")  # type: ignore[arg-type]
+    assert resolve_weight_codes("int8") == "int8" and resolve_weight_codes("uint8") == "uint8"
+    assert resolve_weight_codes("auto") == ("uint8" if int8_gemm_saturates() else "int8")

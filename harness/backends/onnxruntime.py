@@ -125,11 +125,12 @@ def float_onnx(ctx: PrepareContext) -> dict[str, Path]:
     return {name: folder / f"{name}.onnx" for name in program.stages}
 
 
-def qdq_onnx(ctx: PrepareContext, layout: Literal["tensorrt", "onnxruntime"]) -> dict[str, Path]:
+def qdq_onnx(ctx: PrepareContext, layout: Literal["tensorrt", "onnxruntime"],
+             weight_codes: Literal["int8", "uint8"] = "int8") -> dict[str, Path]:
     """The Q/DQ ONNX of every stage of the calibrated model in `layout` (TensorRT's: Q/DQ on conv
-    inputs and weights; ONNX Runtime's: conv outputs quantized too so ORT runs int8 kernels),
-    exported once and cached by model and quantization identity; dim 0 stays dynamic where the
-    stage's batch is."""
+    inputs and weights; ONNX Runtime's: conv outputs quantized too so ORT runs int8 kernels,
+    weights as `weight_codes`), exported once and cached by model and quantization identity;
+    dim 0 stays dynamic where the stage's batch is."""
     from harness.export.qdq import export_qdq
 
     feeds = ctx.stage_feeds()
@@ -139,11 +140,12 @@ def qdq_onnx(ctx: PrepareContext, layout: Literal["tensorrt", "onnxruntime"]) ->
         for name, stage in program.stages.items():
             example = tuple(feeds[name][n] for n in stage.inputs)
             dynamic = {n: {0: "batch"} for n in (*stage.inputs, *stage.outputs)} if stage.dynamic_batch else None
-            export_qdq(stage.module, example, folder / f"{name}.onnx", layout=layout,
+            export_qdq(stage.module, example, folder / f"{name}.onnx", layout=layout, weight_codes=weight_codes,
                        input_names=list(stage.inputs), output_names=list(stage.outputs), dynamic_axes=dynamic)
 
-    key = content_key(export_key(ctx, f"qdq-{layout}", feeds), ctx.quant_key())
-    folder = ctx.cache.entry(f"{ctx.case.name}/onnx-qdq-{layout}", key, build)
+    flavour = f"qdq-{layout}" if weight_codes == "int8" else f"qdq-{layout}-{weight_codes}"
+    key = content_key(export_key(ctx, flavour, feeds), ctx.quant_key())
+    folder = ctx.cache.entry(f"{ctx.case.name}/onnx-{flavour}", key, build)
     return {name: folder / f"{name}.onnx" for name in feeds}
 
 
@@ -169,12 +171,28 @@ class OrtFP32(Backend):
         return session_runner(ctx, float_onnx(ctx), "fp32")
 
 
+def ort_weight_codes(device: torch.device) -> Literal["int8", "uint8"]:
+    """Weight codes for ONNX Runtime's int8 kernels on `device`: uint8 (exact U8U8 kernels) when
+    the CPU provider runs them on a CPU whose U8S8 kernels saturate, int8 otherwise."""
+    from harness.environment import int8_gemm_saturates
+
+    if providers_for(device)[0] == "CPUExecutionProvider" and int8_gemm_saturates():
+        return "uint8"
+    return "int8"
+
+
 class OrtInt8(Backend):
-    """ONNX Runtime on the Q/DQ ONNX in ONNX Runtime's layout: QLinearConv / ConvInteger kernels."""
+    """ONNX Runtime on the Q/DQ ONNX in ONNX Runtime's layout: QLinearConv / ConvInteger kernels.
+
+    On x86-64 CPUs without VNNI the weights travel as uint8 (zero point 128) so that ONNX Runtime
+    runs its exact U8U8 kernels instead of the U8S8 ones that saturate in int16 there
+    (`harness.export.qdq`, 5.); the report's precision says which."""
 
     name = "ort-int8"
     precision = "int8"
 
     def prepare(self, ctx: PrepareContext) -> Runner:
         """Export the calibrated model's stages in the onnxruntime layout (cached) and open sessions."""
-        return session_runner(ctx, qdq_onnx(ctx, "onnxruntime"), "int8 (QDQ, onnxruntime layout)")
+        codes = ort_weight_codes(ctx.device)
+        kernels = "U8S8" if codes == "int8" else "U8U8: U8S8 would saturate on this CPU (no VNNI)"
+        return session_runner(ctx, qdq_onnx(ctx, "onnxruntime", codes), f"int8 (QDQ, onnxruntime layout, {kernels})")

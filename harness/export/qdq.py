@@ -29,7 +29,16 @@ QLinearSigmoid, int8 MaxPool) without changing what is computed:
    or quantizers with different scales) becomes
    `ConvInteger` (int8 codes, int32 accumulation; weights shifted to uint8, zero point 128)
    followed by `Cast`, `Mul(s_x * s_w)` and `Add(bias)`: the "int32 output" of a
-   high-precision last layer, equal to fake quantization up to float summation order.
+   high-precision last layer, equal to fake quantization up to float summation order;
+5. with `weight_codes="uint8"` every int8 weight initializer is shifted to uint8 with zero point
+   128 (the same 255 values). ONNX Runtime then runs U8U8 kernels instead of U8S8. On x86-64
+   CPUs without VNNI, MLAS's U8S8 kernels multiply with `vpmaddubsw`, which adds pairs of
+   u8 x s8 products in saturating int16: activation codes near 255 (zero point 128) times
+   weights near 127 overflow and the int8 model silently loses accuracy (measured on an AVX2
+   EPYC: PIDNet-S logits cosine 0.979 against float instead of 0.999, mIoU -0.009). U8U8
+   widens to int16 before multiplying and is exact, about 5% slower. `weight_codes="auto"`
+   picks uint8 exactly where the CPU running the export saturates
+   (`harness.environment.int8_gemm_saturates`).
 
 Measured here (ORT 1.31, AVX512-VNNI): the TensorRT layout leaves float `FusedConv` between
 Q/DQ in ONNX Runtime and is slower than fp32; the ONNX Runtime layout makes every conv whose
@@ -74,6 +83,8 @@ from harness.quant.tensor_quantizer import QuantMode, TensorQuantizer
 
 Layout = Literal["tensorrt", "onnxruntime"]
 LAYOUTS: tuple[str, ...] = ("tensorrt", "onnxruntime")
+WeightCodes = Literal["auto", "int8", "uint8"]
+WEIGHT_CODES: tuple[str, ...] = ("auto", "int8", "uint8")
 OPSET = 17
 
 # ops through which a symmetric per-tensor quantization commutes exactly (data input only)
@@ -118,14 +129,18 @@ def export_qdq(
     output_names: Sequence[str] | None = None,
     dynamic_axes: dict[str, dict[int, str]] | None = None,
     opset: int = OPSET,
+    weight_codes: WeightCodes = "auto",
 ) -> Path:
     """Export calibrated `model` on example `args` to `path` as Q/DQ ONNX in `layout`; returns the path.
 
     The model must be float32 with every enabled quantizer calibrated (`QuantError` names the
-    ones that are not). Weights become int8 initializers with DequantizeLinear.
+    ones that are not). Weights become int8 initializers with DequantizeLinear; in the
+    onnxruntime layout `weight_codes` may shift them to uint8 (see the module docstring, 5.).
     """
     if layout not in LAYOUTS:
         raise ExportError(f"unknown Q/DQ layout '{layout}' (expected one of {', '.join(LAYOUTS)})")
+    if weight_codes not in WEIGHT_CODES:
+        raise ExportError(f"unknown weight codes '{weight_codes}' (expected one of {', '.join(WEIGHT_CODES)})")
     if opset < 13:
         raise ExportError(f"Q/DQ export needs opset >= 13 (per-channel axis), got {opset}")
     check_exportable(model)
@@ -152,7 +167,7 @@ def export_qdq(
         model.train(was_training)
     fold_weight_quantizers(proto)
     if layout == "onnxruntime":
-        to_onnxruntime_layout(proto)
+        to_onnxruntime_layout(proto, resolve_weight_codes(weight_codes))
     onnx.checker.check_model(proto)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +285,17 @@ def _is_activation_pair(g: _Graph, node: onnx.NodeProto) -> bool:
     return False
 
 
-def to_onnxruntime_layout(proto: onnx.ModelProto) -> None:
+def resolve_weight_codes(weight_codes: WeightCodes) -> Literal["int8", "uint8"]:
+    """The weight encoding `weight_codes` stands for on this machine: "auto" is uint8 where this
+    CPU's U8S8 int8 kernels saturate, int8 elsewhere."""
+    if weight_codes == "auto":
+        from harness.environment import int8_gemm_saturates
+
+        return "uint8" if int8_gemm_saturates() else "int8"
+    return weight_codes
+
+
+def to_onnxruntime_layout(proto: onnx.ModelProto, weight_codes: Literal["int8", "uint8"] = "int8") -> None:
     """Rewrite a TensorRT-layout Q/DQ graph in place into ONNX Runtime's layout (see module docstring)."""
     g = _Graph(proto)
     _activations_to_uint8(g)
@@ -278,7 +303,29 @@ def to_onnxruntime_layout(proto: onnx.ModelProto) -> None:
     _insert_output_quantizers(g)
     _relu_zero_points(g)
     _conv_integer_for_float_outputs(g)
+    if weight_codes == "uint8":
+        _weights_to_uint8(g)
     g.commit()
+
+
+def _weights_to_uint8(g: _Graph) -> None:
+    """Shift every int8 weight initializer read by a DequantizeLinear to uint8 with zero point 128."""
+    for node in g.nodes:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in g.inits:
+            continue
+        codes = g.constants[node.input[0]]
+        if codes.dtype != np.int8:
+            continue
+        zero = g.constants[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros((), np.int8)
+        if zero.dtype != np.int8 or np.any(zero != 0):
+            raise ExportError(f"{node.name}: expected an int8 weight zero point of 0, got {zero.dtype} {zero.reshape(-1)[:4]}")
+        node.input[0] = g.add_initializer(g.unique(f"{node.input[0]}_u8"), (codes.astype(np.int16) + 128).astype(np.uint8))
+        zp = g.add_initializer(g.unique(f"{node.input[0]}_zp"), np.full(zero.shape, 128, np.uint8))
+        if len(node.input) > 2:
+            node.input[2] = zp
+        else:
+            node.input.append(zp)
+    g.reindex()
 
 
 def _activations_to_uint8(g: _Graph) -> None:
