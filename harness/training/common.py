@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from torch import nn
 from torch.utils.data import Sampler
+
+from harness.errors import HarnessError
 
 CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model_fp16.pt"
@@ -29,6 +33,67 @@ class TrainResult:
     weights: Path | None
     summary_path: Path | None
     summary: dict[str, object]
+
+
+@dataclass
+class Progress:
+    """How far a run has come: what a checkpoint holds besides model, optimizer and RNG states."""
+
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    train_time_s: float = 0.0
+
+
+def load_checkpoint(path: Path, recipe: dict[str, object], model: nn.Module, opt: torch.optim.Optimizer,
+                    device: torch.device) -> Progress | None:
+    """Restore model, optimizer and RNG states from the checkpoint at `path` and return its progress;
+    None when there is no checkpoint. Raises `HarnessError` naming every recipe key that differs
+    from `recipe` (a run resumes only with the recipe it started with)."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location=device, weights_only=True)
+    saved = state["recipe"]
+    diff = sorted(k for k in set(saved) | set(recipe) if saved.get(k) != recipe.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {recipe.get(k)!r}" for k in diff)
+        raise HarnessError(f"{path}: cannot resume, recipe differs ({detail})")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"].cpu())
+    if device.type == "cuda" and state.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
+    return Progress(int(state["step"]), list(state["history"]), float(state["elapsed_s"]), float(state["train_time_s"]))
+
+
+def save_checkpoint(path: Path, recipe: dict[str, object], model: nn.Module, opt: torch.optim.Optimizer,
+                    progress: Progress, device: torch.device) -> None:
+    """Write everything `load_checkpoint` restores to `path`, atomically."""
+    save_atomic(
+        {
+            "recipe": recipe,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": progress.step,
+            "history": progress.history,
+            "elapsed_s": progress.elapsed_s,
+            "train_time_s": progress.train_time_s,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        },
+        path,
+    )
+
+
+def finished_run(out: Path, steps: int, step: int, log: Callable[[str], None]) -> TrainResult | None:
+    """The result of a run in `out` that already finished all `steps` (weights and summary written),
+    or None when there is work left."""
+    summary_path, weights = out / SUMMARY, out / WEIGHTS
+    if step != steps or not summary_path.exists() or not weights.exists():
+        return None
+    log(f"{out} already holds the finished run of {steps} steps")
+    summary: dict[str, object] = json.loads(summary_path.read_text())
+    return TrainResult(out, step, True, out / CHECKPOINT, weights, summary_path, summary)
 
 
 class Schedule:

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from harness.atomic import write_json_atomic
 from harness.errors import HarnessError
 from harness.metrics import nds
 from harness.tasks.detection3d import ground_truth_boxes, nms_config, prediction_boxes
@@ -45,11 +44,15 @@ from harness.training.common import (
     CHECKPOINT,
     SUMMARY,
     WEIGHTS,
+    Progress,
     RangeSampler,
     Schedule,
     TrainResult,
+    finished_run,
     hardware,
+    load_checkpoint,
     save_atomic,
+    save_checkpoint,
     worker_init,
 )
 from harness.zoo.fastbev import (
@@ -432,51 +435,21 @@ def train_detection3d(
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=cuda or None)
-    step = 0
-    history: list[dict[str, float]] = []
-    elapsed = 0.0
-    train_time = 0.0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        saved = state["recipe"]
-        mine = _recipe_dict(recipe)
-        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-        if diff:
-            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in diff)
-            raise HarnessError(f"{ckpt_path}: cannot resume, recipe differs ({detail})")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        history = list(state["history"])
-        elapsed = float(state["elapsed_s"])
-        train_time = float(state["train_time_s"])
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if cuda and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
-        log(f"resumed {ckpt_path} at step {step}/{steps}")
+    progress = load_checkpoint(ckpt_path, _recipe_dict(recipe), model, opt, device)
+    if progress is not None:
+        log(f"resumed {ckpt_path} at step {progress.step}/{steps}")
+    progress = progress or Progress()
+    step, history, elapsed, train_time = progress.step, progress.history, progress.elapsed_s, progress.train_time_s
 
-    def save_checkpoint() -> None:
-        save_atomic(
-            {
-                "recipe": _recipe_dict(recipe),
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "step": step,
-                "history": history,
-                "elapsed_s": elapsed + time.monotonic() - started,
-                "train_time_s": train_time,
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(device) if cuda else None,
-            },
-            ckpt_path,
-        )
+    def checkpoint() -> None:
+        now = Progress(step, history, elapsed + time.monotonic() - started, train_time)
+        save_checkpoint(ckpt_path, _recipe_dict(recipe), model, opt, now, device)
 
     summary_path = out / SUMMARY
     weights = out / WEIGHTS
-    if step == steps and summary_path.exists() and weights.exists():
-        log(f"{out} already holds the finished run of {steps} steps")
-        done: dict[str, object] = json.loads(summary_path.read_text())
-        return TrainResult(out, step, True, ckpt_path, weights, summary_path, done)
+    done = finished_run(out, steps, step, log)
+    if done is not None:
+        return done
 
     val_samples: list[SceneLike] | None = None
     if val_dataset is not None:
@@ -549,11 +522,11 @@ def train_detection3d(
             history.append({"step": float(step), "val_nds": result.NDS, "val_map": result.mAP})
             log(f"step {step} val NDS {result.NDS:.4f} mAP {result.mAP:.4f}")
         if step % checkpoint_every == 0:
-            save_checkpoint()
+            checkpoint()
     if step < steps:
-        save_checkpoint()
+        checkpoint()
         return TrainResult(out, step, False, ckpt_path, None, None, {"step": step})
-    save_checkpoint()
+    checkpoint()
 
     val = validate()
     train_samples = [dataset[i] for i in range(min(eval_train_size, len(dataset)))]
@@ -584,9 +557,7 @@ def train_detection3d(
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "history": history,
     }
-    tmp = summary_path.with_name(f".{SUMMARY}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, summary_path)
+    write_json_atomic(summary_path, summary)
     val_text = "" if val is None else f", val NDS {val.NDS:.4f} mAP {val.mAP:.4f}"
     log(f"finished {steps} steps: train NDS {train.NDS:.4f}{val_text}; wrote {weights}")
     return TrainResult(out, step, True, ckpt_path, weights, summary_path, summary)

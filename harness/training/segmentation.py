@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from harness.atomic import write_json_atomic
 from harness.errors import HarnessError
 from harness.metrics.miou import MeanIoU, MeanIoUResult
 from harness.tasks.segmentation import IMAGENET_MEAN, IMAGENET_STD
@@ -41,11 +40,15 @@ from harness.training.common import (
     CHECKPOINT,
     SUMMARY,
     WEIGHTS,
+    Progress,
     RangeSampler,
     Schedule,
     TrainResult,
+    finished_run,
     hardware,
+    load_checkpoint,
     save_atomic,
+    save_checkpoint,
     worker_init,
 )
 from harness.zoo.pidnet import inference_state_dict
@@ -495,51 +498,21 @@ def train_segmentation(
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = _make_optimizer(model, recipe)
-    step = 0
-    history: list[dict[str, float]] = []
-    elapsed = 0.0
-    train_time = 0.0
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        saved = state["recipe"]
-        mine = _recipe_dict(recipe)
-        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-        if diff:
-            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in diff)
-            raise HarnessError(f"{ckpt_path}: cannot resume, recipe differs ({detail})")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        history = list(state["history"])
-        elapsed = float(state["elapsed_s"])
-        train_time = float(state["train_time_s"])
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if cuda and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), device)
-        log(f"resumed {ckpt_path} at step {step}/{steps}")
+    progress = load_checkpoint(ckpt_path, _recipe_dict(recipe), model, opt, device)
+    if progress is not None:
+        log(f"resumed {ckpt_path} at step {progress.step}/{steps}")
+    progress = progress or Progress()
+    step, history, elapsed, train_time = progress.step, progress.history, progress.elapsed_s, progress.train_time_s
 
-    def save_checkpoint() -> None:
-        save_atomic(
-            {
-                "recipe": _recipe_dict(recipe),
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "step": step,
-                "history": history,
-                "elapsed_s": elapsed + time.monotonic() - started,
-                "train_time_s": train_time,
-                "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state(device) if cuda else None,
-            },
-            ckpt_path,
-        )
+    def checkpoint() -> None:
+        now = Progress(step, history, elapsed + time.monotonic() - started, train_time)
+        save_checkpoint(ckpt_path, _recipe_dict(recipe), model, opt, now, device)
 
     summary_path = out / SUMMARY
     weights = out / WEIGHTS
-    if step == steps and summary_path.exists() and weights.exists():
-        log(f"{out} already holds the finished run of {steps} steps")
-        done: dict[str, object] = json.loads(summary_path.read_text())
-        return TrainResult(out, step, True, ckpt_path, weights, summary_path, done)
+    done = finished_run(out, steps, step, log)
+    if done is not None:
+        return done
 
     val_pairs = None
     if val_dataset is not None:
@@ -612,11 +585,11 @@ def train_segmentation(
             history.append({"step": float(step), "val_miou": result.miou})
             log(f"step {step} val mIoU {result.miou:.4f}")
         if step % checkpoint_every == 0:
-            save_checkpoint()
+            checkpoint()
     if step < steps:
-        save_checkpoint()
+        checkpoint()
         return TrainResult(out, step, False, ckpt_path, None, None, {"step": step})
-    save_checkpoint()
+    checkpoint()
 
     val = validate()
     train_eval = _pairs(*_render_all(dataset, num_workers, limit=eval_train_size))
@@ -645,9 +618,7 @@ def train_segmentation(
         "weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
         "history": history,
     }
-    tmp = summary_path.with_name(f".{SUMMARY}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, summary_path)
+    write_json_atomic(summary_path, summary)
     val_text = "" if val is None else f", val mIoU {val.miou:.4f}"
     log(f"finished {steps} steps: train mIoU {train.miou:.4f}{val_text}; wrote {weights}")
     return TrainResult(out, step, True, ckpt_path, weights, summary_path, summary)
