@@ -21,6 +21,7 @@ y (41 x 180 x 180) and a 16-beam, 720-step sensor.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -371,18 +372,7 @@ class LidarSweeps:
             max_points_per_voxel=self.max_points_per_voxel,
             max_voxels=self.max_voxels,
         )
-        boxes = tuple(
-            Box3D(
-                label=b.label,
-                center=b.center,
-                size=b.size,
-                yaw=b.yaw,
-                velocity=b.velocity,
-                attribute=b.attribute,
-                num_pts=n,
-            )
-            for b, n in zip(scene.boxes, scan.counts, strict=True)
-        )
+        boxes = tuple(dataclasses.replace(b, num_pts=int(n)) for b, n in zip(scene.boxes, scan.counts, strict=True))
         return LidarSample(
             token=scene.token,
             points=scan.points,

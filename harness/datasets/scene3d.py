@@ -26,20 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from harness.errors import HarnessError
+from harness.metrics.nds import DETECTION_CLASSES
 
-CLASSES: tuple[str, ...] = (
-    "car",
-    "truck",
-    "bus",
-    "trailer",
-    "construction_vehicle",
-    "pedestrian",
-    "motorcycle",
-    "bicycle",
-    "traffic_cone",
-    "barrier",
-)
-"""The 10 nuScenes detection classes in devkit order."""
+CLASSES: tuple[str, ...] = DETECTION_CLASSES
+"""The 10 nuScenes detection classes in devkit order (the metric's own tuple)."""
 
 VEHICLE_ATTRIBUTES = ("vehicle.moving", "vehicle.parked", "vehicle.stopped")
 PEDESTRIAN_ATTRIBUTES = (

@@ -26,6 +26,7 @@ integer hashing touch pixels, so the bytes are the same on every machine.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Iterator
@@ -609,18 +610,7 @@ class DrivingScenes:
         scene = self.scene(index)
         rendering = render_scene(scene, self.image_height, self.image_width)
         intrinsics, cam2ego, lidar2img = camera_rig(self.image_height, self.image_width)
-        boxes = tuple(
-            Box3D(
-                label=b.label,
-                center=b.center,
-                size=b.size,
-                yaw=b.yaw,
-                velocity=b.velocity,
-                attribute=b.attribute,
-                num_pts=n,
-            )
-            for b, n in zip(scene.boxes, rendering.pixel_counts, strict=True)
-        )
+        boxes = tuple(dataclasses.replace(b, num_pts=int(n)) for b, n in zip(scene.boxes, rendering.pixel_counts, strict=True))
         return SceneSample(
             token=scene.token,
             images=rendering.images,

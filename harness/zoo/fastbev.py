@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import tensorfile
+from harness.datasets.scene3d import CLASSES
 from harness.datasets.scenes import camera_rig
 from harness.errors import HarnessError, TensorFileError
 from harness.program import StageCall
@@ -101,19 +102,6 @@ __all__ = [
     "voxel_points",
 ]
 
-CLASSES: tuple[str, ...] = (
-    "car",
-    "truck",
-    "bus",
-    "trailer",
-    "construction_vehicle",
-    "pedestrian",
-    "motorcycle",
-    "bicycle",
-    "traffic_cone",
-    "barrier",
-)
-"""nuScenes detection classes in devkit order; labels index this tuple."""
 
 IMAGE_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
 IMAGE_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
