@@ -172,13 +172,11 @@ class OrtFP32(Backend):
 
 
 def ort_weight_codes(device: torch.device) -> Literal["int8", "uint8"]:
-    """Weight codes for ONNX Runtime's int8 kernels on `device`: uint8 (exact U8U8 kernels) when
-    the CPU provider runs them on a CPU whose U8S8 kernels saturate, int8 otherwise."""
-    from harness.environment import int8_gemm_saturates
+    """Weight codes for ONNX Runtime's int8 kernels on `device`: the export's "auto" choice for
+    this CPU when the CPU provider runs them, int8 under the CUDA provider."""
+    from harness.export.qdq import resolve_weight_codes
 
-    if providers_for(device)[0] == "CPUExecutionProvider" and int8_gemm_saturates():
-        return "uint8"
-    return "int8"
+    return resolve_weight_codes("auto") if providers_for(device)[0] == "CPUExecutionProvider" else "int8"
 
 
 class OrtInt8(Backend):
