@@ -20,7 +20,9 @@ without a code (bool, float64, complex, ...) are refused rather than silently ca
 Reading is strict: bad magic, ndim outside 1..16, unknown codes, negative dims, payloads shorter
 than the header promises, and (unless ``allow_trailing``) extra bytes are errors naming the file
 and the field. Nothing larger than the file is ever allocated.
-`.npy` files are accepted by `load` too, so goldens may be either format.
+`load` also reads `.npy` files (for `qharness compare`), as strictly: the header is checked
+against the file size before anything is allocated, and only plain numeric dtypes are accepted
+(no pickled object arrays, no `.npz` archives under a `.npy` name).
 """
 
 from __future__ import annotations
@@ -142,9 +144,50 @@ def load(path: str | os.PathLike[str], *, allow_trailing: bool = False) -> np.nd
     return np.frombuffer(payload, dtype=dtype).reshape(dims).copy()
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK\x03\x04"
+_NPY_KINDS = "biuf"
+
+
 def _load_npy(path: Path) -> np.ndarray:
+    """Read a `.npy` file, checking its header before allocating: the magic (a `.npz` zip
+    archive is named as such), the version, a numeric dtype (object arrays would need pickle,
+    which stays disabled) and a shape whose payload the file really holds."""
     try:
-        arr = np.load(path, allow_pickle=False)
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            magic = fh.read(len(_NPY_MAGIC))
+            if magic[:4] == _ZIP_MAGIC:
+                raise TensorFileError(path, "is a zip archive (.npz), not a .npy file; save one array with "
+                                      "numpy.save", field="magic")
+            if magic != _NPY_MAGIC:
+                raise TensorFileError(path, f"not a valid .npy file: magic is {magic!r}, expected {_NPY_MAGIC!r}",
+                                      field="magic")
+            fh.seek(0)
+            try:
+                major, _ = np.lib.format.read_magic(fh)
+                read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(fh)
+            except (ValueError, SyntaxError, TypeError) as exc:
+                raise TensorFileError(path, f"not a valid .npy file: {exc}", field="header") from exc
+            if dtype.hasobject or dtype.kind not in _NPY_KINDS or dtype.fields is not None:
+                raise TensorFileError(path, f"dtype {dtype} is not a plain numeric dtype (object arrays need "
+                                      "pickle, which qharness never loads)", field="dtype")
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+            expected = numel * dtype.itemsize
+            available = size - fh.tell()
+            if expected > available:
+                raise TensorFileError(path, f"shape {list(shape)} of {dtype} needs {expected} payload bytes, "
+                                      f"file holds {available}", field="data")
+            if expected < available:
+                raise TensorFileError(path, f"{available - expected} bytes after the payload of shape "
+                                      f"{list(shape)}", field="data")
+    except OSError as exc:
+        raise TensorFileError(path, f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        return np.asarray(np.load(path, allow_pickle=False))
     except (OSError, ValueError) as exc:
         raise TensorFileError(path, f"not a valid .npy file: {exc}") from exc
-    return np.asarray(arr)
