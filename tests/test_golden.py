@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -114,7 +115,7 @@ def test_corrupt_tensor_names_file_and_hint(store: GoldenStore) -> None:
     meta = store.meta()
     path = store.dir / "inputs" / "image.tensor"
     path.write_bytes(path.read_bytes()[:-3])
-    meta["files"].pop("inputs/image.tensor")  # not hash-checked: the reader itself must complain
+    meta["files"]["inputs/image.tensor"] = hashlib.sha256(path.read_bytes()).hexdigest()  # the reader must complain
     expect_golden_error(lambda: store.read("inputs", "image", meta), str(path), "[data]")
 
 
@@ -147,11 +148,11 @@ def test_stale_config_and_checkpoint(store: GoldenStore) -> None:
     assert "config hash" in both and "checkpoint" in both
 
 
-def test_npy_golden_is_read(store: GoldenStore) -> None:
-    store.write({"inputs": {"image": np.zeros(2, np.float32)}}, META)
-    (store.dir / "outputs").mkdir()
+def test_npy_next_to_a_deleted_tensor_is_refused(store: GoldenStore) -> None:
+    store.write({"inputs": {"image": np.zeros(2, np.float32)}, "outputs": {"ref": np.zeros(3, np.float32)}}, META)
+    (store.dir / "outputs" / "ref.tensor").unlink()
     np.save(store.dir / "outputs" / "ref.npy", np.arange(3.0))
-    np.testing.assert_array_equal(store.read("outputs", "ref", store.meta()), np.arange(3.0))
+    expect_golden_error(lambda: store.read("outputs", "ref", store.meta()), "outputs/ref.npy is not listed")
 
 
 def test_update_meta_under_concurrent_threads_loses_nothing(store: GoldenStore) -> None:
@@ -225,8 +226,9 @@ def test_golden_layout_chooses_file_names_and_dtypes(store: GoldenStore) -> None
     assert store.read("inputs", "mask", meta).dtype == np.uint8
     assert store.path_of("inputs", "image", meta) == store.dir / "inputs/in_image.torch.fp16.tensor"
     (store.dir / "inputs/in_image.torch.fp16.tensor").unlink()
-    expect_golden_error(lambda: store.read("inputs", "image", meta), "golden input 'image' ('in_image.torch.fp16.tensor"
-                        "' is missing")
+    expect_golden_error(lambda: store.read("inputs", "image", meta), "inputs/in_image.torch.fp16.tensor is listed in")
+    expect_golden_error(lambda: store.path_of("inputs", "image", meta),
+                        "golden input 'image' ('in_image.torch.fp16.tensor' is missing")
     # Rewriting without the mapping goes back to plain names and drops the renamed files.
     store.write(data, META)
     assert "tensor_files" not in store.meta()
