@@ -2,7 +2,11 @@
 
 Entries live in `<root>/<namespace>/<key>/`. Builders write into a temporary folder that is
 renamed into place under a file lock, so concurrent workers build an entry once and readers never
-see half-written files. An entry whose files cannot be read is rebuilt with a warning.
+see half-written files. Each entry's `.complete` manifest records the sha256 of every file the
+builder wrote; `entry` hands out a folder only after checking it still holds exactly those files
+with those hashes, and rebuilds (with a warning naming the entry) one that was truncated, edited,
+extended or emptied. An entry whose files cannot be parsed by their reader is rebuilt the same way
+(`invalidate`). A cache folder that is a file or cannot be written is a HarnessError saying so.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, TypeVar
 from filelock import FileLock
 
 from harness.atomic import write_json_atomic
+from harness.errors import HarnessError
 
 T = TypeVar("T")
 _COMPLETE = ".complete"
@@ -60,26 +65,56 @@ class Cache:
         self.root = Path(root)
 
     def entry(self, namespace: str, key: str, build: Callable[[Path], None]) -> Path:
-        """The folder for (namespace, key), built by `build(tmp_dir)` if absent."""
+        """The folder for (namespace, key), built by `build(tmp_dir)` if absent; its files are
+        verified against the manifest written when it was built (rebuilt with a warning if not).
+        HarnessError naming the cache folder when it cannot be created or written."""
         final = self.root / namespace / key[:24]
-        if (final / _COMPLETE).exists():
+        if _verify(final) is None:
             return final
-        final.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(final) + ".lock"):
-            if (final / _COMPLETE).exists():
+        self._make_parent(final)
+        try:
+            lock = FileLock(str(final) + ".lock")
+            lock.acquire()
+        except OSError as exc:
+            raise self._unusable(exc) from exc
+        try:
+            problem = _verify(final)
+            if problem is None:
                 return final
             if final.exists():
+                if (final / _COMPLETE).exists():
+                    warnings.warn(f"qharness cache entry {final} is unusable ({problem}); rebuilding it",
+                                  stacklevel=2)
                 shutil.rmtree(final)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+            try:
+                tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+            except OSError as exc:
+                raise self._unusable(exc) from exc
             tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a shared cache needs the usual mode
             try:
                 build(tmp)
-                (tmp / _COMPLETE).write_text(key)
+                manifest = {"key": key, "files": {rel: file_sha256(tmp / rel) for rel in _files(tmp)}}
+                (tmp / _COMPLETE).write_text(json.dumps(manifest, sort_keys=True))
                 os.replace(tmp, final)
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp)
+        finally:
+            lock.release()
         return final
+
+    def _make_parent(self, final: Path) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise HarnessError(f"qharness cache folder {self.root} is a file, not a folder; remove it or point "
+                               "--qharness-cache / $QHARNESS_CACHE at a writable folder")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._unusable(exc) from exc
+
+    def _unusable(self, exc: OSError) -> HarnessError:
+        return HarnessError(f"qharness cache folder {self.root} is not writable ({exc.strerror or exc}); fix its "
+                            "permissions or point --qharness-cache / $QHARNESS_CACHE at a writable folder")
 
     def invalidate(self, namespace: str, key: str, reason: str) -> None:
         """Remove an entry that turned out unreadable, warning with `reason`."""
@@ -89,7 +124,8 @@ class Cache:
             shutil.rmtree(final, ignore_errors=True)
 
     def json_value(self, namespace: str, key: str, compute: Callable[[], T]) -> T:
-        """A JSON-serialisable value computed once per key; recomputed if the file is corrupt."""
+        """A JSON-serialisable value computed once per key; recomputed (with a warning) if its
+        file was edited, is corrupt or is missing."""
         def build(folder: Path) -> None:
             write_json_atomic(folder / "value.json", {"value": compute()})
 
@@ -103,3 +139,33 @@ class Cache:
                     raise
                 self.invalidate(namespace, key, str(exc))
         raise AssertionError("unreachable")
+
+
+def _files(folder: Path) -> list[str]:
+    """Paths (relative, POSIX) of every file under `folder` except the manifest, sorted."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.name != _COMPLETE and not p.is_dir())
+
+
+def _verify(folder: Path) -> str | None:
+    """None when `folder` holds exactly the files of its manifest with their sha256, else why not."""
+    try:
+        manifest = json.loads((folder / _COMPLETE).read_text())
+        recorded = manifest["files"]
+        if not isinstance(recorded, dict):
+            return "its manifest lists no files"
+        present = _files(folder)
+    except FileNotFoundError:
+        return "it is incomplete"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"its manifest is unreadable: {exc}"
+    if present != sorted(recorded):
+        changed = sorted(set(present) ^ set(recorded))
+        return f"file {changed[0]} was added or removed after it was built"
+    for rel, digest in recorded.items():
+        try:
+            if file_sha256(folder / rel) != digest:
+                return f"file {rel} changed after it was built"
+        except OSError as exc:
+            return f"file {rel} is unreadable: {exc}"
+    return None
