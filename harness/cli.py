@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from harness.compare import Tolerance, compare, nvidia_report
 from harness.errors import HarnessError
+
+#: the bound `qharness compare` applies when no tolerance option is given
+DEFAULT_COSINE_MIN = 0.99
+
+_COMPARE_EPILOG = f"""\
+verdict: the last line is always "[verdict] PASSED" or "[verdict] FAILED". Without --atol, --rtol,
+--cosine-min or --snr-min-db the bound is cosine >= {DEFAULT_COSINE_MIN} (the verdict line says so).
+NaN or Inf in either tensor always fails; so do differing shapes unless --allow-reshape (then
+only the element counts must match and both tensors are flattened).
+
+exit status: 0 passed, 1 failed, 2 usage error or unreadable / incomparable input (message on stderr).
+"""
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -17,20 +31,54 @@ def _compare(args: argparse.Namespace) -> int:
 
     actual = tensorfile.load(args.actual)
     reference = tensorfile.load(args.reference)
-    tolerance = Tolerance(args.atol, args.rtol, args.max_mismatch, args.cosine_min, args.snr_min_db)
+    defaulted = all(v is None for v in (args.atol, args.rtol, args.cosine_min, args.snr_min_db))
+    cosine_min = DEFAULT_COSINE_MIN if defaulted else args.cosine_min
+    tolerance = Tolerance(args.atol, args.rtol, args.max_mismatch or 0.0, cosine_min, args.snr_min_db)
     try:
-        result = compare(actual, reference, tolerance, name=args.actual, allow_reshape=True)
+        result = compare(actual, reference, tolerance, name=args.actual, allow_reshape=args.allow_reshape)
     except ValueError as exc:
         print(f"qharness compare: {exc}", file=sys.stderr)
         return 2
-    print(nvidia_report(result, args.actual, args.reference, detail=args.detail))
+    note = (f" (default bound cosine >= {DEFAULT_COSINE_MIN}; choose with --atol/--rtol/--cosine-min/--snr-min-db)"
+            if defaulted else "")
+    if result.stats.actual_shape != result.stats.reference_shape and not args.allow_reshape:
+        note += " (shapes differ; --allow-reshape compares the flattened tensors)"
+    _print(nvidia_report(result, args.actual, args.reference, detail=args.detail, verdict_note=note))
     return 0 if result.passed else 1
+
+
+def _print(text: str) -> None:
+    """Print to stdout; a reader that went away (`| head -1`) is not an error: the rest of the
+    output is dropped quietly."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _bounded(low: float | None, high: float | None) -> Callable[[str], float]:
+    """An argparse type: a finite float within [low, high] (None: unbounded on that side)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not finite")
+        if (low is not None and value < low) or (high is not None and value > high):
+            shown = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+            raise argparse.ArgumentTypeError(f"{text} is outside {shown}")
+        return value
+    return parse
 
 
 def _schema(args: argparse.Namespace) -> int:
     from harness.cases import json_schema
 
-    print(json.dumps(json_schema(), indent=2))
+    _print(json.dumps(json_schema(), indent=2))
     return 0
 
 
@@ -56,15 +104,19 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qharness", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compare", help="compare two .tensor/.npy files as NVIDIA's tool/compare.py does")
+    c = sub.add_parser("compare", help="compare two .tensor/.npy files as NVIDIA's tool/compare.py does",
+                       epilog=_COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("actual", help="tensor produced by the engine under test (.tensor or .npy)")
     c.add_argument("reference", help="reference tensor, e.g. from PyTorch (.tensor or .npy)")
     c.add_argument("--detail", action="store_true", help="per-tensor summaries, error shares, cosine")
-    c.add_argument("--atol", type=float, default=None)
-    c.add_argument("--rtol", type=float, default=None)
-    c.add_argument("--max-mismatch", type=float, default=0.0, help="fraction allowed outside atol + rtol*|ref|")
-    c.add_argument("--cosine-min", type=float, default=None)
-    c.add_argument("--snr-min-db", type=float, default=None)
+    c.add_argument("--atol", type=_bounded(0.0, None), default=None, help="absolute tolerance (finite, >= 0)")
+    c.add_argument("--rtol", type=_bounded(0.0, None), default=None, help="relative tolerance (finite, >= 0)")
+    c.add_argument("--max-mismatch", type=_bounded(0.0, 1.0), default=None,
+                   help="fraction in [0, 1] allowed outside atol + rtol*|ref| (default 0; needs --atol or --rtol)")
+    c.add_argument("--cosine-min", type=_bounded(-1.0, 1.0), default=None, help="minimum cosine similarity")
+    c.add_argument("--snr-min-db", type=_bounded(None, None), default=None, help="minimum SNR in dB (finite)")
+    c.add_argument("--allow-reshape", action="store_true",
+                   help="compare tensors of different shapes but equal element counts, flattened")
     c.set_defaults(func=_compare)
 
     s = sub.add_parser("schema", help="print the JSON Schema of case files")
@@ -92,7 +144,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `qharness` and `python -m harness`; returns the exit status."""
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.command == "compare" and args.max_mismatch is not None and args.atol is None and args.rtol is None:
+        p.error("--max-mismatch needs --atol or --rtol (it is the share allowed outside atol + rtol*|ref|)")
     try:
         status: int = args.func(args)
     except HarnessError as exc:

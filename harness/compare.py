@@ -324,8 +324,10 @@ def failure_table(result: CompareResult) -> str:
     return "\n".join(lines)
 
 
-def nvidia_report(result: CompareResult, actual_path: str, reference_path: str, *, detail: bool) -> str:
-    """The text NVIDIA's tool/compare.py prints, followed by our statistics and worst elements."""
+def nvidia_report(result: CompareResult, actual_path: str, reference_path: str, *, detail: bool,
+                  verdict_note: str = "") -> str:
+    """The text NVIDIA's tool/compare.py prints, followed by our statistics and worst elements,
+    and (when any check or problem applies) a last line "[verdict] PASSED|FAILED" + `verdict_note`."""
     s = result.stats
     lines = []
     if detail:
@@ -363,7 +365,7 @@ def nvidia_report(result: CompareResult, actual_path: str, reference_path: str, 
     lines += [f"[problem] {p}" for p in result.problems]
     lines += [f"[check] {c.describe()}" for c in result.checks]
     if result.checks or result.problems:
-        lines.append("[verdict] " + ("PASSED" if result.passed else "FAILED"))
+        lines.append("[verdict] " + ("PASSED" if result.passed else "FAILED") + verdict_note)
     return "\n".join(lines)
 
 

@@ -46,7 +46,8 @@ def test_compare_without_tolerances_passes(files: dict[str, Path], capsys: pytes
     assert lines[0] == "[absdiff] max=0.250000, sum=0.250000, std=0.082680, mean=0.031250"
     assert lines[1].startswith("[qharness] max_rel=0.25, snr=")
     assert lines[2] == "[worst] index=[1, 2] actual=1.25 reference=1 abs_err=0.25"
-    assert "[verdict]" not in out
+    assert lines[-1] == ("[verdict] PASSED (default bound cosine >= 0.99; choose with "
+                         "--atol/--rtol/--cosine-min/--snr-min-db)")
 
 
 def test_compare_passing_tolerances_exit_0(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -76,7 +77,12 @@ def test_compare_max_mismatch_allows_some(files: dict[str, Path], capsys: pytest
 
 
 def test_compare_reshapes_equal_numel(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, _ = run(["compare", str(files["flat"]), str(files["ref"]), "--atol", "0.25", "--detail"], capsys)
+    status, out, _ = run(["compare", str(files["flat"]), str(files["ref"]), "--atol", "0.25"], capsys)
+    assert status == 1
+    assert "[problem]" in out and "shape (8,) differs from reference (2, 4)" in out
+    assert out.splitlines()[-1] == "[verdict] FAILED (shapes differ; --allow-reshape compares the flattened tensors)"
+    status, out, _ = run(["compare", str(files["flat"]), str(files["ref"]), "--atol", "0.25", "--detail",
+                          "--allow-reshape"], capsys)
     assert status == 0
     assert f"[actual] shape=[8], dtype=float32, path={files['flat']}" in out
     assert f"[reference] shape=[2, 4], dtype=float32, path={files['ref']}" in out
