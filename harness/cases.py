@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -25,6 +26,19 @@ from harness.factory import FactoryError, resolve
 
 DEFAULT_PROFILE = "default"
 _ROOT_MARKERS = ("pyproject.toml", "pytest.ini", "setup.cfg", "tox.ini", ".git")
+#: YAML limits: nesting depth and the number of values after expanding aliases (alias bombs)
+MAX_DEPTH = 64
+MAX_NODES = 100_000
+#: upper bounds of counts and tolerances (far above any real use; they catch typos and hostile files)
+MAX_BATCH = 4096
+MAX_ROUNDS = 100_000
+MAX_BINS = 1 << 20
+MAX_ATOL = 1.0e6
+MAX_RTOL = 1.0e3
+MAX_SNR_DB = 1.0e3
+#: factory arguments whose names end so are paths, resolved (and confined) like case paths
+PATH_ARG_SUFFIXES = ("_dir", "_path", "_file")
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -65,38 +79,57 @@ class DataSpec(FactorySpec):
 
     calibration: DataOverride = Field(default_factory=DataOverride)
     train: DataOverride = Field(default_factory=DataOverride)
-    batch_size: int = Field(4, ge=1, description="batch size of metric runs")
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH, description="batch size of metric runs")
 
 
 class GoldenSpec(_Strict):
     """Where golden files live and how many samples they hold."""
 
     dir: str
-    samples: int = Field(1, ge=1)
+    samples: int = Field(1, ge=1, le=MAX_BATCH)
 
 
 class ToleranceSpec(_Strict):
     """Bounds for an output tensor against its golden reference."""
 
-    atol: float | None = Field(None, ge=0)
-    rtol: float | None = Field(None, ge=0)
-    max_mismatch: float = Field(0.0, ge=0, le=1, description="fraction allowed outside atol + rtol*|ref|")
-    cosine_min: float | None = Field(None, ge=-1, le=1)
-    snr_min_db: float | None = None
+    atol: float | None = Field(None, ge=0, le=MAX_ATOL, allow_inf_nan=False)
+    rtol: float | None = Field(None, ge=0, le=MAX_RTOL, allow_inf_nan=False)
+    max_mismatch: float = Field(0.0, ge=0, le=1, allow_inf_nan=False,
+                                description="fraction allowed outside atol + rtol*|ref|")
+    cosine_min: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False)
+    snr_min_db: float | None = Field(None, ge=-MAX_SNR_DB, le=MAX_SNR_DB, allow_inf_nan=False)
+
+    @property
+    def bounded(self) -> bool:
+        """True when at least one bound (atol, rtol, cosine_min, snr_min_db) is set."""
+        return any(v is not None for v in (self.atol, self.rtol, self.cosine_min, self.snr_min_db))
 
 
 class CompareSpec(ToleranceSpec):
-    """Tolerance for every output, with per-output overrides under `outputs`."""
+    """Tolerance for every output, with per-output overrides under `outputs`; `compare: none`
+    (stored as `none: true`) says this backend's outputs are deliberately not compared."""
 
     outputs: dict[str, ToleranceSpec] = Field(default_factory=dict)
+    none: bool = Field(False, description="true (or `compare: none`): outputs are not compared with golden files")
+
+    @property
+    def disabled(self) -> bool:
+        """True when the case says this backend's outputs are not compared (`compare: none`)."""
+        return self.none
+
+    @model_validator(mode="after")
+    def _none_alone(self) -> CompareSpec:
+        if self.none and (self.bounded or self.outputs):
+            raise ValueError("'compare: none' cannot be combined with tolerances")
+        return self
 
 
 class GateSpec(_Strict):
     """Metric gates of one backend against the float model and its stored baseline."""
 
-    min_ratio: float | None = Field(None, gt=0)
-    max_drop: float | None = Field(None, ge=0)
-    baseline_tolerance: float | None = Field(None, ge=0)
+    min_ratio: float | None = Field(None, gt=0, allow_inf_nan=False)
+    max_drop: float | None = Field(None, ge=0, allow_inf_nan=False)
+    baseline_tolerance: float | None = Field(None, ge=0, allow_inf_nan=False)
 
 
 class FidelitySpec(_Strict):
@@ -104,8 +137,8 @@ class FidelitySpec(_Strict):
     evaluation set: cosine of every output and the task's prediction agreement."""
 
     reference: str = "fakequant-int8"
-    cosine_min: float | None = Field(None, ge=-1, le=1)
-    agreement_min: float | None = Field(None, ge=0, le=1)
+    cosine_min: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False)
+    agreement_min: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
 
 
 class BackendSpec(_Strict):
@@ -114,6 +147,23 @@ class BackendSpec(_Strict):
     compare: CompareSpec = Field(default_factory=CompareSpec)
     metric: GateSpec | None = None
     fidelity: FidelitySpec | None = None
+
+    @field_validator("compare", mode="before")
+    @classmethod
+    def _compare_none(cls, value: Any) -> Any:
+        return {"none": True} if value == "none" else value
+
+    @model_validator(mode="after")
+    def _compare_bounded(self) -> BackendSpec:
+        if self.compare.disabled:
+            return self
+        if not self.compare.bounded:
+            raise ValueError("compare: no bound (set atol, rtol, cosine_min or snr_min_db, or write 'compare: none' "
+                             "to report the golden item as not compared)")
+        for output, spec in self.compare.outputs.items():
+            if not spec.bounded:
+                raise ValueError(f"compare.outputs.{output}: no bound (set atol, rtol, cosine_min or snr_min_db)")
+        return self
 
 
 CalibratorName = Literal["max", "histogram"]
@@ -125,10 +175,10 @@ class ActivationQuantSpec(_Strict):
 
     calibrator: CalibratorName = "histogram"
     method: MethodName | None = "percentile"
-    percentile: float = Field(99.99, ge=0, le=100)
-    num_bins: int = Field(2048, ge=16)
-    start_bin: int = Field(128, ge=1)
-    stride: int = Field(1, ge=1)
+    percentile: float = Field(99.99, ge=0, le=100, allow_inf_nan=False)
+    num_bins: int = Field(2048, ge=16, le=MAX_BINS)
+    start_bin: int = Field(128, ge=1, le=MAX_BINS)
+    stride: int = Field(1, ge=1, le=MAX_BINS)
 
     @model_validator(mode="after")
     def _method_matches(self) -> ActivationQuantSpec:
@@ -154,8 +204,8 @@ class QuantSpec(_Strict):
     keep_float: list[str] = Field(default_factory=list)
     rules: list[str] = Field(default_factory=list)
     fold_bn: bool = True
-    calibration_batches: int = Field(8, ge=1)
-    calibration_batch_size: int = Field(2, ge=1)
+    calibration_batches: int = Field(8, ge=1, le=MAX_ROUNDS)
+    calibration_batch_size: int = Field(2, ge=1, le=MAX_BATCH)
     quantizer: str | None = Field(
         None, description='"module:callable" called like harness.quant.transform:quantize_model(model, config, '
                           "example_inputs=...) to make the quantizable model (default: that dense quantizer; "
@@ -178,16 +228,16 @@ class MetricSpec(_Strict):
     name: str
     args: dict[str, Any] = Field(default_factory=dict)
     keys: list[str] = Field(default_factory=list, description="gated figures; default: the metric's primary")
-    float_min: float | dict[str, float] | None = None
-    baseline_tolerance: float = Field(0.002, ge=0)
+    float_min: Finite | dict[str, Finite] | None = None
+    baseline_tolerance: float = Field(0.002, ge=0, allow_inf_nan=False)
 
 
 class BenchmarkSpec(_Strict):
     """Timing settings for benchmark items."""
 
-    warmup: int = Field(10, ge=0)
-    rounds: int = Field(50, ge=1)
-    batch_size: int = Field(1, ge=1)
+    warmup: int = Field(10, ge=0, le=MAX_ROUNDS)
+    rounds: int = Field(50, ge=1, le=MAX_ROUNDS)
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH)
 
 
 class StageSpec(_Strict):
@@ -244,11 +294,13 @@ class CaseSpec(_Strict):
 class Case:
     """A validated case with its paths resolved against the project root."""
 
-    def __init__(self, spec: CaseSpec, path: Path, root: Path, profile: str, lines: dict[tuple[str, ...], int]):
+    def __init__(self, spec: CaseSpec, path: Path, root: Path, profile: str, lines: dict[tuple[str, ...], int],
+                 *, allow_outside_root: bool = False):
         self.spec = spec
         self.path = path
         self.root = root
         self.profile = profile
+        self.allow_outside_root = allow_outside_root
         self._lines = lines
 
     @property
@@ -260,18 +312,42 @@ class Case:
     def golden_dir(self) -> Path:
         """Golden folder of the selected profile (profiles other than the default get a subfolder
         unless they set `golden.dir` themselves)."""
-        return self.resolve_path(self.spec.golden.dir)
+        return self.resolve_path(self.spec.golden.dir, "golden", "dir")
 
     @property
     def checkpoint(self) -> Path | None:
         """Absolute checkpoint path, or None for seeded initial weights."""
         ckpt = self.spec.model.checkpoint
-        return None if ckpt is None else self.resolve_path(ckpt)
+        return None if ckpt is None else self.resolve_path(ckpt, "model", "checkpoint")
 
-    def resolve_path(self, value: str) -> Path:
-        """Resolve a path written in the case against the project root."""
+    def resolve_path(self, value: str, *key: str) -> Path:
+        """Resolve a path written in the case (at `key`) against the project root. Unless
+        `allow_outside_root`, CaseError naming the key for a path that leaves the root (`../`, or
+        absolute elsewhere); the check is lexical, so symlinks placed inside the root are honoured."""
         p = Path(value)
-        return p if p.is_absolute() else self.root / p
+        resolved = p if p.is_absolute() else self.root / p
+        if not self.allow_outside_root:
+            root = os.path.normpath(os.path.abspath(self.root))
+            target = os.path.normpath(os.path.abspath(resolved))
+            if os.path.commonpath([root, target]) != root:
+                raise self.error(f"path '{value}' is outside the project root {root}; keep case files' paths "
+                                 "inside the project (outside paths must be enabled explicitly)", *key)
+        return resolved
+
+    def check_paths(self) -> None:
+        """CaseError naming the key of the first path (golden.dir, model.checkpoint, factory
+        arguments named *_dir/_path/_file) that `resolve_path` refuses."""
+        s = self.spec
+        self.resolve_path(s.golden.dir, "golden", "dir")
+        if s.model.checkpoint is not None:
+            self.resolve_path(s.model.checkpoint, "model", "checkpoint")
+        sources = [(("model", "args"), s.model.args), (("data", "args"), s.data.args),
+                   (("data", "calibration", "args"), s.data.calibration.args),
+                   (("data", "train", "args"), s.data.train.args)]
+        for where, args in sources:
+            for name, value in args.items():
+                if isinstance(value, str) and name.endswith(PATH_ARG_SUFFIXES):
+                    self.resolve_path(value, *where, name)
 
     def line_of(self, *key: str) -> int | None:
         """1-based line of `key` (a path of mapping keys) in the case file, if known."""
@@ -308,19 +384,28 @@ def find_root(path: Path) -> Path:
     return path.resolve().parent
 
 
-def load_case(path: str | Path, *, root: Path | None = None, profile: str = DEFAULT_PROFILE) -> Case:
+def load_case(path: str | Path, *, root: Path | None = None, profile: str = DEFAULT_PROFILE,
+              allow_outside_root: bool = False) -> Case:
     """Load, merge the profile into, and validate a case file.
 
-    Raises CaseError naming the file, line and key for malformed YAML, duplicate or unknown keys,
-    wrong types, unknown backends or profiles, factories that cannot be imported and missing
-    checkpoints.
+    Raises CaseError naming the file, line and key for malformed YAML (also: not UTF-8, nested
+    deeper than MAX_DEPTH, more than MAX_NODES values after alias expansion), duplicate or unknown
+    keys, wrong types, non-finite or out-of-range numbers, backends without a compare bound,
+    unknown backends or profiles, factories that cannot be imported, missing checkpoints, and
+    paths outside the project root (unless `allow_outside_root`).
     """
     path = Path(path)
     root = root or find_root(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data_bytes = path.read_bytes()
     except OSError as exc:
         raise CaseError(path, f"cannot read case file: {exc.strerror or exc}") from exc
+    try:
+        text = data_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data_bytes[:exc.start].count(b"\n") + 1
+        raise CaseError(path, f"not UTF-8 text (byte 0x{data_bytes[exc.start]:02x} at offset {exc.start}); "
+                              "save the case file as UTF-8", line=line) from None
     raw, lines = _parse_yaml(path, text)
     if not isinstance(raw, dict):
         raise CaseError(path, f"a case file must be a mapping at the top level, got {type(raw).__name__}", line=1)
@@ -339,10 +424,11 @@ def load_case(path: str | Path, *, root: Path | None = None, profile: str = DEFA
         spec = CaseSpec.model_validate(data)
     except ValidationError as exc:
         raise _case_error(path, exc, lines) from None
-    case = Case(spec, path, root, profile, lines)
+    case = Case(spec, path, root, profile, lines, allow_outside_root=allow_outside_root)
     if profile != DEFAULT_PROFILE and "golden" not in spec.profiles.get(profile, {}):
         golden = spec.golden.model_copy(update={"dir": str(Path(spec.golden.dir) / f"profile-{profile}")})
         case.spec = spec.model_copy(update={"golden": golden})
+    case.check_paths()
     if case.checkpoint is not None and not case.checkpoint.is_file():
         raise case.error(f"checkpoint file {case.checkpoint} does not exist", "model", "checkpoint")
     return case
@@ -387,6 +473,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _parse_yaml(path: Path, text: str) -> tuple[Any, dict[tuple[str, ...], int]]:
     try:
         node = yaml.compose(text, Loader=_UniqueKeyLoader)
+    except RecursionError:
+        raise CaseError(path, f"YAML nested too deeply (at most {MAX_DEPTH} levels)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -394,6 +482,7 @@ def _parse_yaml(path: Path, text: str) -> tuple[Any, dict[tuple[str, ...], int]]
         raise CaseError(path, f"malformed YAML: {problem}", line=line) from None
     if node is None:
         raise CaseError(path, "the case file is empty", line=1)
+    _measure(path, node, 1, {})
     lines: dict[tuple[str, ...], int] = {}
     _record_lines(path, node, (), lines)
     loader = _UniqueKeyLoader("")
@@ -405,6 +494,36 @@ def _parse_yaml(path: Path, text: str) -> tuple[Any, dict[tuple[str, ...], int]]
     finally:
         loader.dispose()
     return data, lines
+
+
+def _measure(path: Path, node: yaml.Node, depth: int, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(values, levels) of `node` with aliases expanded; CaseError at the node's line when
+    deeper than MAX_DEPTH (a recursive alias is infinitely deep) or larger than MAX_NODES."""
+    line = node.start_mark.line + 1
+    if depth > MAX_DEPTH:
+        raise CaseError(path, f"YAML nested deeper than {MAX_DEPTH} levels (or an alias that contains itself)",
+                        line=line)
+    known = memo.get(id(node))
+    if known is not None:
+        if depth + known[1] - 1 > MAX_DEPTH:
+            raise CaseError(path, f"YAML nested deeper than {MAX_DEPTH} levels", line=line)
+        return known
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    else:
+        children = []
+    count, levels = 1, 1
+    for child in children:
+        c_count, c_levels = _measure(path, child, depth + 1, memo)
+        count += c_count
+        levels = max(levels, c_levels + 1)
+        if count > MAX_NODES:
+            raise CaseError(path, f"YAML expands to more than {MAX_NODES} values (aliases repeating large "
+                                  "collections?)", line=line)
+    memo[id(node)] = (count, levels)
+    return count, levels
 
 
 def _record_lines(path: Path, node: yaml.Node, prefix: tuple[str, ...], lines: dict[tuple[str, ...], int]) -> None:

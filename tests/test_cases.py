@@ -441,7 +441,7 @@ def test_config_hash_changes_with_what_makes_goldens(root: Path, old: str, new: 
      ("    metric: {min_ratio: 0.99}", "    metric: {min_ratio: 0.5, max_drop: 0.1}"),
      ("  float_min: 0.5", "  float_min: 0.9"),
      ("description: a small case", "description: renamed"),
-     ("  ort-fp32:", "  trt-int8: {}\n  ort-fp32:"),
+     ("  ort-fp32:", "  trt-int8: {compare: none}\n  ort-fp32:"),
      ("profiles:", "benchmark: {rounds: 3}\nquant: {calibration_batches: 2}\nprofiles:"),
      ("    seed: 7", "    seed: 7\n  calibration: {args: {size: 9}}\n  batch_size: 1")],
 )

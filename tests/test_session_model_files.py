@@ -56,7 +56,7 @@ model: {{factory: "filesmod:{factory}", args: {args}}}
 data: {{factory: "filesmod:Data"}}
 golden: golden/files
 backends:
-  torch-fp32: {{}}
+  torch-fp32: {{compare: none}}
 """
 
 

@@ -50,7 +50,7 @@ data:
 golden: {{dir: golden/det, samples: {samples}}}
 metric: {metric}
 backends:
-  torch-fp32: {{}}
+  torch-fp32: {{compare: none}}
 """
 
 

@@ -41,8 +41,8 @@ quant:
   calibration_batch_size: 1
 backends:
   torch-fp32: {compare: {atol: 1.0e-6, rtol: 5.0e-4}}
-  ort-fp32: {}
-  trt-int8: {}
+  ort-fp32: {compare: none}
+  trt-int8: {compare: none}
 """
 
 
