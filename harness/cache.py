@@ -150,7 +150,10 @@ def _files(folder: Path) -> list[str]:
 def _verify(folder: Path) -> str | None:
     """None when `folder` holds exactly the files of its manifest with their sha256, else why not."""
     try:
-        manifest = json.loads((folder / _COMPLETE).read_text())
+        text = (folder / _COMPLETE).read_text()
+        if not text.lstrip().startswith("{"):
+            return "it was built by an older qharness that recorded no file hashes"
+        manifest = json.loads(text)
         recorded = manifest["files"]
         if not isinstance(recorded, dict):
             return "its manifest lists no files"

@@ -218,7 +218,7 @@ class GoldenStore:
         with self._locked():
             old = self._meta_or_empty()
             self._check_replaceable(old, meta, overwrite_other_case)
-            staging = self.dir.parent / f".{self.dir.name}.new-{os.getpid()}"
+            staging = self._real().parent / f".{self._real().name}.new-{os.getpid()}"
             try:
                 staging.mkdir(parents=True)
                 hashes = self._carry_top_level(staging, old)
@@ -306,28 +306,33 @@ class GoldenStore:
                     hashes[entry.name] = _sha256(target)
         return hashes
 
+    def _real(self) -> Path:
+        """The folder itself, symlinks followed (a golden folder may be a link to another disk)."""
+        return Path(os.path.realpath(self.dir))
+
     def _switch(self, staging: Path) -> None:
         """Rename the old folder aside, the new one into place, then delete the old one."""
-        aside = self.dir.parent / f".{self.dir.name}.old-{os.getpid()}"
-        had_old = self.dir.exists()
+        real = self._real()
+        aside = real.parent / f".{real.name}.old-{os.getpid()}"
+        had_old = real.exists()
         if had_old:
-            os.rename(self.dir, aside)
+            os.rename(real, aside)
         try:
-            os.rename(staging, self.dir)
+            os.rename(staging, real)
         except OSError:
             if had_old:
-                os.rename(aside, self.dir)
+                os.rename(aside, real)
             raise
-        _fsync_dir(self.dir.parent)
+        _fsync_dir(real.parent)
         if had_old:
             shutil.rmtree(aside, ignore_errors=True)
 
     def _leftovers(self) -> list[Path]:
-        parent = self.dir.parent
-        if not parent.is_dir():
+        real = self._real()
+        if not real.parent.is_dir():
             return []
-        prefixes = (f".{self.dir.name}.new-", f".{self.dir.name}.old-")
-        return sorted(p for p in parent.iterdir() if p.name.startswith(prefixes))
+        prefixes = (f".{real.name}.new-", f".{real.name}.old-")
+        return sorted(p for p in real.parent.iterdir() if p.name.startswith(prefixes))
 
     def _recover(self) -> None:
         """Finish what an interrupted write left: drop unfinished new sets and old sets that were
@@ -341,9 +346,12 @@ class GoldenStore:
         """Hold the folder's lock, cleaning up leftovers of interrupted writes first (a leftover
         seen under the lock belongs to a process that died)."""
         with lock_for(self.meta_path, self.lock_dir):
+            real = self._real()
             for leftover in self._leftovers():
-                if leftover.name.startswith(f".{self.dir.name}.old-") and not self.dir.exists():
-                    os.rename(leftover, self.dir)
+                if leftover.name.startswith(f".{real.name}.old-") and not real.exists():
+                    os.rename(leftover, real)
+                elif leftover.is_symlink() or not leftover.is_dir():
+                    leftover.unlink()
                 else:
                     shutil.rmtree(leftover, ignore_errors=True)
             yield

@@ -438,6 +438,19 @@ def test_folder_that_is_no_golden_folder_is_not_overwritten(tmp_path: Path) -> N
     assert (folder / "package" / "code.py").read_text() == "x = 1\n"
 
 
+def test_symlinked_golden_dir_stays_a_link_to_the_new_set(tmp_path: Path) -> None:
+    (tmp_path / "big-disk" / "corpus").mkdir(parents=True)
+    (tmp_path / "golden").mkdir()
+    (tmp_path / "golden" / "corpus").symlink_to(tmp_path / "big-disk" / "corpus")
+    store = GoldenStore(tmp_path / "golden" / "corpus", HINT, lock_dir=tmp_path / "locks")
+    store.write(*_set("a"))
+    store.write(*_set("b"))
+    assert (tmp_path / "golden" / "corpus").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "big-disk").iterdir()) == ["corpus"]
+    assert json.loads((tmp_path / "big-disk" / "corpus" / "meta.json").read_text())["config_hash"] == "b" * 64
+    _read_all(store)
+
+
 def test_golden_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "golden"
     path.write_text("not a folder")
@@ -663,7 +676,7 @@ CACHE_CORPUS: list[tuple[str, Callable[[Path], object], str]] = [
     ("deleted", lambda e: (e / "model.onnx").unlink(), "file model.onnx was added or removed"),
     ("extra-file", lambda e: (e / "planted.so").write_bytes(b"x"), "file planted.so was added or removed"),
     ("manifest-corrupt", lambda e: (e / ".complete").write_text("{"), "its manifest is unreadable"),
-    ("manifest-old-format", lambda e: (e / ".complete").write_text(KEY), "its manifest is unreadable"),
+    ("manifest-old-format", lambda e: (e / ".complete").write_text(KEY), "it was built by an older qharness"),
     ("manifest-without-files", lambda e: (e / ".complete").write_text('{"key": "k", "files": []}'),
      "its manifest lists no files"),
 ]
