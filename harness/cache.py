@@ -25,6 +25,7 @@ from filelock import FileLock
 
 from harness.atomic import write_json_atomic
 from harness.errors import HarnessError
+from harness.locks import private_dir
 
 T = TypeVar("T")
 _COMPLETE = ".complete"
@@ -64,6 +65,13 @@ class Cache:
     def __init__(self, root: Path):
         self.root = Path(root)
 
+    @property
+    def lock_dir(self) -> Path:
+        """This user's private lock folder inside the cache (`<root>/.locks-<uid>`, mode 0700),
+        for locks of things outside the cache such as golden folders (`GoldenStore(lock_dir=...)`)."""
+        self._make_dir(self.root)
+        return private_dir(self.root / f".locks-{os.getuid()}")
+
     def entry(self, namespace: str, key: str, build: Callable[[Path], None]) -> Path:
         """The folder for (namespace, key), built by `build(tmp_dir)` if absent; its files are
         verified against the manifest written when it was built (rebuilt with a warning if not).
@@ -71,7 +79,7 @@ class Cache:
         final = self.root / namespace / key[:24]
         if _verify(final) is None:
             return final
-        self._make_parent(final)
+        self._make_dir(final.parent)
         try:
             lock = FileLock(str(final) + ".lock")
             lock.acquire()
@@ -103,12 +111,13 @@ class Cache:
             lock.release()
         return final
 
-    def _make_parent(self, final: Path) -> None:
+    def _make_dir(self, folder: Path) -> None:
+        """Create `folder` inside the cache; HarnessError naming the cache folder if it cannot."""
         if self.root.exists() and not self.root.is_dir():
             raise HarnessError(f"qharness cache folder {self.root} is a file, not a folder; remove it or point "
                                "--qharness-cache / $QHARNESS_CACHE at a writable folder")
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise self._unusable(exc) from exc
 

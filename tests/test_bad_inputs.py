@@ -626,6 +626,12 @@ def test_lock_dir_is_private_and_used(tmp_path: Path) -> None:
     assert [p.suffix for p in lock_dir.iterdir()] == [".lock"]
 
 
+def test_cache_lock_dir_is_private_and_per_user(tmp_path: Path) -> None:
+    folder = Cache(tmp_path / "cache").lock_dir
+    assert folder == tmp_path / "cache" / f".locks-{os.getuid()}"
+    assert folder.stat().st_mode & 0o777 == 0o700
+
+
 def test_default_lock_dir_is_per_user(tmp_path: Path) -> None:
     lock = lock_for(tmp_path / "meta.json")
     folder = Path(lock.lock_file).parent
