@@ -573,4 +573,7 @@ def json_schema() -> dict[str, Any]:
     schema["properties"]["golden"] = {"anyOf": [golden, {"type": "string", "description": "shorthand for {dir: ...}"}]}
     backends = schema["properties"]["backends"]
     backends["propertyNames"] = {"enum": list(known_backends())}
+    compare = schema["$defs"]["BackendSpec"]["properties"]["compare"]
+    schema["$defs"]["BackendSpec"]["properties"]["compare"] = {
+        "anyOf": [compare, {"const": "none", "description": "outputs are not compared with golden files"}]}
     return schema

@@ -514,6 +514,8 @@ def test_json_schema_is_json_and_lists_backends() -> None:
     assert schema["type"] == "object" and schema["additionalProperties"] is False
     assert set(schema["required"]) == {"name", "task", "model", "data", "golden", "backends"}
     assert schema["properties"]["backends"]["propertyNames"]["enum"] == list(known_backends())
+    compare = schema["$defs"]["BackendSpec"]["properties"]["compare"]
+    assert not _validate("none", compare, schema["$defs"]) and _validate("nothing", compare, schema["$defs"])
     # Every $ref resolves.
     refs = re.findall(r'"\$ref": "#/\$defs/(\w+)"', json.dumps(schema))
     assert refs and all(ref in schema["$defs"] for ref in refs)
