@@ -65,7 +65,8 @@ class ModelSpec(FactorySpec):
     """How to build the float model."""
 
     checkpoint: str | None = None
-    seed: int = Field(0, description="torch.manual_seed before building, for checkpoint-less models")
+    seed: int = Field(0, ge=-(2**63), le=2**64 - 1,
+                      description="torch.manual_seed before building, for checkpoint-less models")
 
 
 class DataOverride(_Strict):

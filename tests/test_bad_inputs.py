@@ -197,6 +197,8 @@ CASE_CORPUS: list[tuple[str, str, str, str, str]] = [
      "backends.torch-fp32.compare", "'compare: none' cannot be combined"),
     ("compare-misspelt", f"torch-fp32: {FP32}", "torch-fp32: {compare: nothing}", "backends.torch-fp32.compare",
      "valid dictionary"),
+    ("seed-2^70", "  args: {width: 4}", "  args: {width: 4}\n  seed: 1180591620717411303424", "model.seed",
+     "less than or equal to 18446744073709551615"),
     ("golden-dotdot", "golden: golden/corpus", "golden: ../elsewhere", "golden.dir", "outside the project root"),
     ("golden-absolute", "golden: golden/corpus", "golden: /var/tmp/golden", "golden.dir",
      "outside the project root"),
