@@ -195,14 +195,16 @@ class GoldenStore:
 
     def write(self, tensors: Mapping[str, Mapping[str, np.ndarray]], meta: Mapping[str, Any],
               files: Mapping[str, GoldenFile] | None = None, *, allow_nonfinite: bool = False,
-              overwrite_other_case: bool = False) -> None:
+              overwrite_other_case: bool = False, model_files: Mapping[str, np.ndarray] | None = None) -> None:
         """Replace the golden set with `tensors` and `meta`, atomically: afterwards (or after a
         kill or a full disk at any point) the folder holds the old or the new complete set.
 
         `tensors` maps "inputs"/"outputs" to named arrays; `files` says how a tensor name is
         stored when not as `<name>.tensor` in its own dtype (recorded in meta.json's
         `tensor_files`; GoldenError for file names that are not plain or that collide). Top-level
-        files of the old folder are carried over (re-hashed when meta.json listed them). The
+        files of the old folder are carried over (re-hashed when meta.json listed them);
+        `model_files` (a model's `golden_files()`) are written as top-level `<name>.tensor` files
+        of the new set and listed with their hashes, replacing carried files of the same name. The
         training record is kept; the float metric and baselines only when config hash and
         checkpoint are unchanged. GoldenError, before anything is written, for an output with
         NaN/Inf (unless `allow_nonfinite`), a folder whose meta.json names another case (unless
@@ -210,6 +212,10 @@ class GoldenStore:
         than inputs/ and outputs/ (it is no golden folder).
         """
         files = files or {}
+        model_files = model_files or {}
+        for name in model_files:
+            if not name or Path(name).name != name or name.startswith(".") or name in (META, *KINDS):
+                raise GoldenError(f"golden model file name '{name}' is not a plain file name")
         stems = {kind: _stems(tensors.get(kind, {}), files, kind) for kind in KINDS}
         stored = {kind: {name: _stored(array, files.get(name)) for name, array in tensors.get(kind, {}).items()}
                   for kind in KINDS}
@@ -222,6 +228,10 @@ class GoldenStore:
             try:
                 staging.mkdir(parents=True)
                 hashes = self._carry_top_level(staging, old)
+                for name, array in model_files.items():
+                    path = staging / f"{name}.tensor"
+                    tensorfile.save(path, np.asarray(array))
+                    hashes[path.name] = _sha256(path)
                 for kind in KINDS:
                     (staging / kind).mkdir()
                     for name, array in stored[kind].items():

@@ -260,3 +260,15 @@ def test_results_are_dropped_when_the_identity_changes(tmp_path: Path) -> None:
     store.write(tensors, {"config_hash": "changed", "checkpoint_sha256": "c"})
     meta = store.meta()
     assert "baselines" not in meta and "float_metric" not in meta and meta["training"] == {"steps": 3}
+
+
+def test_model_files_join_the_atomic_set(store: GoldenStore) -> None:
+    store.write(tensors(), META, model_files={"anchors": np.arange(4, dtype=np.float32)})
+    assert "anchors.tensor" in store.meta()["files"]
+    store.write(tensors(), META, model_files={"anchors": np.arange(5, dtype=np.float32)})
+    np.testing.assert_array_equal(tensorfile.load(store.dir / "anchors.tensor"), np.arange(5, dtype=np.float32))
+    store.verify(store.meta())
+    (store.dir / "anchors.tensor").write_bytes((store.dir / "anchors.tensor").read_bytes()[:-4])
+    expect_golden_error(lambda: store.verify(store.meta()), "anchors.tensor does not match the sha256")
+    with pytest.raises(GoldenError, match=r"golden model file name 'meta\.json' is not a plain file name"):
+        store.write(tensors(), META, model_files={"meta.json": np.zeros(1, np.float32)})
