@@ -136,10 +136,10 @@ BASE = """\
 name: corpus
 task: tensors
 model:
-  factory: "builtins:dict"
+  factory: "qh_corpus_factories:make"
   args: {width: 4}
 data:
-  factory: "builtins:dict"
+  factory: "qh_corpus_factories:make"
   args: {size: 2}
   batch_size: 2
 golden: golden/corpus
@@ -214,10 +214,14 @@ CASE_CORPUS: list[tuple[str, str, str, str, str]] = [
 
 
 @pytest.fixture
-def project(tmp_path: Path) -> Path:
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A project root with a factory module the corpus cases name."""
     (tmp_path / "pyproject.toml").write_text("")
     (tmp_path / "cases").mkdir()
-    return tmp_path
+    (tmp_path / "qh_corpus_factories.py").write_text("def make(**kwargs):\n    return kwargs\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("qh_corpus_factories", None)
 
 
 def _case_error(path: Path, **kwargs: Any) -> CaseError:
