@@ -19,7 +19,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from harness.backends.registry import known_backends
+from harness.backends.registry import QUANT_REFERENCE, backend_with_role, known_backends
+from harness.compare import Tolerance
 from harness.errors import CaseError
 from harness.factory import FactoryError, resolve
 
@@ -84,11 +85,19 @@ class ToleranceSpec(_Strict):
     cosine_min: float | None = Field(None, ge=-1, le=1)
     snr_min_db: float | None = None
 
+    def to_tolerance(self) -> Tolerance:
+        """The comparison library's Tolerance with these bounds."""
+        return Tolerance(self.atol, self.rtol, self.max_mismatch, self.cosine_min, self.snr_min_db)
+
 
 class CompareSpec(ToleranceSpec):
     """Tolerance for every output, with per-output overrides under `outputs`."""
 
     outputs: dict[str, ToleranceSpec] = Field(default_factory=dict)
+
+    def tolerance(self, output: str) -> Tolerance:
+        """The Tolerance of `output`: its override under `outputs`, else the backend-wide bounds."""
+        return self.outputs.get(output, self).to_tolerance()
 
 
 class GateSpec(_Strict):
@@ -103,7 +112,8 @@ class FidelitySpec(_Strict):
     """Agreement of this backend with another (real int8 kernels vs fake quantization) over the
     evaluation set: cosine of every output and the task's prediction agreement."""
 
-    reference: str = "fakequant-int8"
+    reference: str = Field(default_factory=lambda: backend_with_role(QUANT_REFERENCE),
+                           description="backend to compare with (default: the backend holding the quantization-reference role)")
     cosine_min: float | None = Field(None, ge=-1, le=1)
     agreement_min: float | None = Field(None, ge=0, le=1)
 

@@ -171,7 +171,7 @@ def test_report_dir_writes_markdown_and_json(project: pytest.Pytester) -> None:
     result = project.runpytest("cases/", "--report-dir", "reports", "--benchmark-disable")
     result.assert_outcomes(passed=4, skipped=4)
     data = json.loads((project.path / "reports/report.json").read_text())
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     records = data["records"]
     assert {(r["backend"], r["verdict"]) for r in records} >= {("torch-fp32", "passed"), ("trt-int8", "skipped")}
     for r in records:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -60,6 +60,7 @@ from harness.datasets.scene3d import CLASSES
 from harness.datasets.scenes import camera_rig
 from harness.errors import HarnessError, TensorFileError
 from harness.program import StageCall
+from harness.tasks.detection3d import IMAGE_MEAN, IMAGE_STD, OUTPUT_NAMES, Detections
 from harness.zoo.layers import ConvModule, init_kaiming
 from harness.zoo.ops import Add, Concat
 from harness.zoo.resnet import ResNet
@@ -70,6 +71,7 @@ __all__ = [
     "IMAGE_STD",
     "TABLE_NAMES",
     "AnchorHead",
+    "AnchorRowDecoder",
     "Detections",
     "FastBEV",
     "FastBEVConfig",
@@ -95,6 +97,7 @@ __all__ = [
     "limit_period",
     "load_lookup_tables",
     "loss_targets",
+    "nms_config",
     "normalize_images",
     "postprocess",
     "rig_lookup_tables",
@@ -103,8 +106,6 @@ __all__ = [
 ]
 
 
-IMAGE_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
-IMAGE_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 """RGB normalisation of FastBEV's `img_norm_cfg`; the pre stage takes normalised images."""
 
 BOX_CODE_SIZE = 9
@@ -1089,37 +1090,6 @@ class FastBEVPostDense(nn.Module):
 FloatArray = npt.NDArray[np.float64]
 
 
-@dataclass(frozen=True)
-class Detections:
-    """Final boxes of one sample (numpy): centre z, sizes (w, l, h), labels index `CLASSES`."""
-
-    center: FloatArray
-    size: FloatArray
-    yaw: FloatArray
-    velocity: FloatArray
-    score: FloatArray
-    label: npt.NDArray[np.int64]
-    classes: tuple[str, ...] = field(default=CLASSES)
-
-    def __len__(self) -> int:
-        return int(self.label.shape[0])
-
-    def to_boxes(self) -> list[dict[str, Any]]:
-        """Boxes as `harness.metrics.nds` mappings (attribute '')."""
-        return [
-            {
-                "label": self.classes[int(self.label[i])],
-                "center": [float(v) for v in self.center[i]],
-                "size": [float(v) for v in self.size[i]],
-                "yaw": float(self.yaw[i]),
-                "velocity": [float(v) for v in self.velocity[i]],
-                "attribute": "",
-                "score": float(self.score[i]),
-            }
-            for i in range(len(self))
-        ]
-
-
 def _corners(boxes: FloatArray) -> FloatArray:
     """BEV corners [N, 4, 2], counter-clockwise, of (x, y, w, l, yaw) boxes."""
     cos, sin = np.cos(boxes[:, 4]), np.sin(boxes[:, 4])
@@ -1426,3 +1396,31 @@ def fastbev_r18(
     else:
         model.set_lookup_tables(*loaded)
     return model.eval()
+
+
+def nms_config(args: Mapping[str, Any]) -> NMSConfig:
+    """`NMSConfig` from YAML-style keyword arguments (lists become tuples); ValueError names
+    unknown keys, HarnessError invalid values."""
+    known = {f.name for f in fields(NMSConfig)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown nms argument(s) {unknown}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    return NMSConfig(**kwargs)
+
+
+class AnchorRowDecoder:
+    """The detection3d decoder of FastBEV's outputs: one sample's `cls_score` [K, 10],
+    `bbox_pred` [K, 9] and `dir_cls_preds` [K] rows through `postprocess` with `nms` (fields of
+    `NMSConfig`)."""
+
+    def __init__(self, nms: Mapping[str, Any] | None = None) -> None:
+        self.nms = nms_config(nms or {})
+
+    def __call__(self, outputs: Mapping[str, np.ndarray], index: int) -> Detections:
+        """Final boxes of sample `index`; HarnessError naming missing outputs."""
+        missing = [n for n in OUTPUT_NAMES if n not in outputs]
+        if missing:
+            raise HarnessError(f"FastBEV decoder: the program produced no {missing} (got {sorted(outputs)})")
+        cls_score, bbox_pred, dir_cls_preds = (np.asarray(outputs[n][index]) for n in OUTPUT_NAMES)
+        return postprocess(cls_score, bbox_pred, dir_cls_preds, self.nms)

@@ -1,4 +1,4 @@
-"""CaseRun used from plain Python: golden round trip, backends, fidelity, staleness."""
+"""CaseContext used from plain Python: golden round trip, backends, fidelity, staleness."""
 
 from __future__ import annotations
 
@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from harness.cases import load_case
+from harness.checks import run_check
+from harness.context import (
+    CaseContext,
+    ItemFailure,
+    RunOptions,
+    build_float_model,
+    regenerate_command,
+)
 from harness.errors import GoldenError
-from harness.session import CaseRun, ItemFailure, RunOptions, build_float_model, regenerate_command
 
 TESTS = Path(__file__).parent
 
@@ -25,46 +32,46 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def make_run(project: Path, update: bool = False) -> CaseRun:
+def make_run(project: Path, update: bool = False) -> CaseContext:
     case = load_case(project / "cases/tiny.yaml")
     options = RunOptions(device=torch.device("cpu"), cache_dir=project / ".cache", update_golden=update)
-    return CaseRun(case, options)
+    return CaseContext(case, options)
 
 
 def test_golden_round_trip_and_every_cpu_backend(project: Path) -> None:
-    make_run(project, update=True).check_golden("torch-fp32", "model")
+    run_check(make_run(project, update=True), "golden", "torch-fp32", "model")
     run = make_run(project)
     for backend in ("torch-fp32", "ort-fp32", "fakequant-int8", "ort-int8"):
-        record = run.check_golden(backend, "model")
-        assert record.verdict == "passed" and record.compare["output"]["passed"]
+        record = run_check(run, "golden", backend, "model")
+        assert record.verdict == "passed" and record.sections["compare"]["output"]["passed"]
     assert "onnx:model" in run.runner("ort-int8").artifacts
     assert run.runner("ort-int8").info["precision"].startswith("int8")
 
 
 def test_missing_golden_names_the_command(project: Path) -> None:
     with pytest.raises(GoldenError, match=r"pytest cases/tiny.yaml --update-golden"):
-        make_run(project).check_golden("torch-fp32", "model")
+        run_check(make_run(project), "golden", "torch-fp32", "model")
     assert regenerate_command(make_run(project).case) == "pytest cases/tiny.yaml --update-golden"
 
 
 def test_fidelity_measures_cosine_against_the_reference(project: Path) -> None:
-    record = make_run(project).check_fidelity("ort-int8")
-    assert record.fidelity is not None
-    assert record.fidelity["reference"] == "fakequant-int8"
-    assert record.fidelity["cosine"]["output"] > 0.999
-    assert record.fidelity["agreement"] is None  # the tensors task has no agreement measure
+    record = run_check(make_run(project), "fidelity", "ort-int8")
+    assert record.sections["fidelity"] is not None
+    assert record.sections["fidelity"]["reference"] == "fakequant-int8"
+    assert record.sections["fidelity"]["cosine"]["output"] > 0.999
+    assert record.sections["fidelity"]["agreement"] is None  # the tensors task has no agreement measure
 
 
 def test_fidelity_gate_on_agreement_fails_without_a_measure(project: Path) -> None:
     case = project / "cases/tiny.yaml"
     case.write_text(case.read_text().replace("cosine_min: 0.999}", "cosine_min: 0.999, agreement_min: 0.9}"))
-    with pytest.raises(ItemFailure, match="agreement with fakequant-int8 n/a"):
-        make_run(project).check_fidelity("ort-int8")
+    with pytest.raises(ItemFailure, match=r"agreement with fakequant-int8 \(n/a: the task has no agreement measure\)"):
+        run_check(make_run(project), "fidelity", "ort-int8")
 
 
 def test_calibration_is_cached_on_disk(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = make_run(project).quantized_model()
-    import harness.quant.pipeline as pipeline
+    import harness.calibration as pipeline
 
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("calibrated again although the amax values are cached")

@@ -1,21 +1,24 @@
-"""One case in one run: builds model, data and runners lazily and produces item records.
+"""The case context: one case in one run, built lazily and shared by every check.
 
-Everything the pytest plugin does is delegated here, so it is callable from plain Python:
+Everything a check needs comes from here - the task adapter, datasets, the float model (private
+copies), the program of stages, the golden store, the reference run, prepared backend runners,
+the calibrated model, the cached exports, and each backend's evaluation over the eval set
+(`harness.evaluation`, computed once and shared by the metric and fidelity checks). Collecting a
+case builds nothing: stage names come from the case file, the model is built on first use.
 
-    run = CaseRun(load_case("cases/pidnet_s.yaml"), RunOptions.default())
-    record = run.check_golden("ort-fp32", "model")
+    ctx = CaseContext(load_case("cases/pidnet_s.yaml"), RunOptions.default())
+    record = harness.checks.run_check(ctx, "golden", "ort-fp32", "model")
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -23,19 +26,32 @@ from torch import nn
 
 from harness import tensorfile
 from harness.backends.base import PrepareContext, Runner
-from harness.backends.registry import backend_class
+from harness.backends.registry import (
+    FLOAT_REFERENCE,
+    BackendInfo,
+    backend_class,
+    backend_info,
+    backend_with_role,
+)
 from harness.cache import Cache, content_key, file_sha256
-from harness.cases import DEFAULT_PROFILE, Case, CompareSpec
-from harness.compare import CompareResult, Tolerance, compare, failure_table
+from harness.cases import DEFAULT_PROFILE, Case
+from harness.compare import Tolerance
 from harness.environment import library_versions
-from harness.errors import BackendUnavailable, GoldenError, HarnessError, MetricError
+from harness.errors import BackendUnavailable, GoldenError, HarnessError
+from harness.export import artifacts
 from harness.factory import FactoryError, resolve
 from harness.golden import GoldenStore
-from harness.program import Program
+from harness.metrics.base import Metric, MetricArgsError, metric_class
+from harness.program import SINGLE_STAGE, Program
 from harness.records import Record
-from harness.tasks.base import Batch, Dataset, MetricValues, TaskAdapter, task_class
+from harness.tasks.base import Batch, Dataset, TaskAdapter, task_class
+
+if TYPE_CHECKING:
+    from harness.evaluation import Evaluation
 
 REFERENCE_DEVICE = torch.device("cpu")
+BATCH_CACHE_BYTES = 512 << 20
+"""Evaluation batches are kept in memory for the next backend up to this many bytes of inputs."""
 
 
 @dataclass(frozen=True)
@@ -73,20 +89,6 @@ class StageRecord:
 
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def _accumulate(acc: list[float], actual: torch.Tensor, reference: torch.Tensor) -> None:
-    """Add a <a, r>, <a, a> and <r, r> of one tensor pair to `acc` (float64)."""
-    a, r = actual.double().reshape(-1), reference.double().reshape(-1)
-    acc[0] += float(a @ r)
-    acc[1] += float(a @ a)
-    acc[2] += float(r @ r)
-
-
-def _cosine(acc: list[float]) -> float:
-    """Cosine from accumulated products; 1 when both sides are zero, 0 when only one is."""
-    dot, na, nr = acc
-    return dot / math.sqrt(na * nr) if na > 0 and nr > 0 else float(na == nr)
 
 
 def regenerate_command(case: Case) -> str:
@@ -139,7 +141,7 @@ def build_float_model(case: Case) -> nn.Module:
     return model.float().eval()
 
 
-class CaseRun:
+class CaseContext:
     """Lazily built state of one case; one instance per case and profile per pytest run."""
 
     def __init__(self, case: Case, options: RunOptions):
@@ -149,8 +151,64 @@ class CaseRun:
         self.golden = GoldenStore(case.golden_dir, regenerate_command(case))
         self._runners: dict[str, Runner] = {}
         self._golden_written = False
+        self._evaluations: dict[str, Evaluation] = {}
+        self._batches: list[Batch] | None = None
 
-    # -- building blocks -------------------------------------------------------------------
+    # -- what the case says, without building anything --------------------------------------
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """Stage names in declaration order ("model" for single-stage cases), from the case file."""
+        return tuple(self.case.spec.stages) or (SINGLE_STAGE,)
+
+    @property
+    def is_staged(self) -> bool:
+        """True for a program of several named stages (glue between them in PyTorch)."""
+        return self.stage_names != (SINGLE_STAGE,)
+
+    @functools.cached_property
+    def metric_class(self) -> type[Metric] | None:
+        """The case metric's class (None without a metric section); CaseError naming the key for
+        unknown metrics, arguments, gated figures and metrics the task cannot feed."""
+        spec = self.case.spec.metric
+        if spec is None:
+            return None
+        try:
+            cls = metric_class(spec.name)
+        except MetricArgsError as exc:
+            raise self.case.error(str(exc), "metric", "name") from exc
+        try:
+            cls.check_args(spec.args)
+            cls(**spec.args)
+        except MetricArgsError as exc:
+            raise self.case.error(str(exc), "metric", "args", *([exc.key] if exc.key else [])) from exc
+        except (TypeError, ValueError) as exc:
+            raise self.case.error(f"metric '{spec.name}' rejected its arguments: {exc}", "metric", "args") from exc
+        for index, key in enumerate(spec.keys):
+            try:
+                cls.figure(key)
+            except MetricArgsError as exc:
+                raise self.case.error(str(exc), "metric", "keys", str(index)) from exc
+        if isinstance(spec.float_min, Mapping):
+            for key in spec.float_min:
+                try:
+                    cls.figure(key)
+                except MetricArgsError as exc:
+                    raise self.case.error(str(exc), "metric", "float_min", key) from exc
+        kind = self.adapter.prediction_kind
+        if kind != cls.consumes:
+            raise self.case.error(f"metric '{spec.name}' scores {cls.consumes} predictions; task "
+                                  f"'{self.case.spec.task}' decodes {kind or 'none'}", "metric", "name")
+        return cls
+
+    def validate(self) -> None:
+        """Collection-time checks that build nothing: task options and metric (CaseError)."""
+        _ = self.adapter
+        _ = self.metric_class
+
+    def info(self, backend: str) -> BackendInfo:
+        """The registry entry of `backend`."""
+        return backend_info(backend)
 
     @functools.cached_property
     def adapter(self) -> TaskAdapter:
@@ -165,7 +223,7 @@ class CaseRun:
         """The evaluation dataset, or the calibration / train split (args merged over data.args)."""
         return self._datasets(split)
 
-    @functools.cache  # noqa: B019 - one CaseRun per case per run; the cache lives as long as it
+    @functools.cache  # noqa: B019 - one CaseContext per case per run; the cache lives as long as it
     def _datasets(self, split: str) -> Dataset:
         data = self.case.spec.data
         args = dict(data.args)
@@ -213,11 +271,6 @@ class CaseRun:
     def model_key(self) -> str:
         """Identity of the float model: case config hash plus checkpoint hash."""
         return content_key(self.case.config_hash(), self.checkpoint_sha256)
-
-    @functools.cached_property
-    def stage_names(self) -> tuple[str, ...]:
-        """Stage names in declaration order ("model" for single-stage cases)."""
-        return tuple(self.program(self._float_model).stages)
 
     def stage_is_dynamic(self, stage: str) -> bool:
         """True when dim 0 of the stage's inputs is a free batch dimension."""
@@ -319,8 +372,9 @@ class CaseRun:
     # -- backends ----------------------------------------------------------------------------
 
     def unavailable_reason(self, backend: str) -> str | None:
-        """The skip reason for `backend` on this run's device, or None when it can run."""
-        reason = self.adapter.unsupported_backends().get(backend)
+        """The skip reason for `backend` on this run's device, or None when it can run: the task's
+        (by the backend's capabilities), then the backend's own (libraries, devices)."""
+        reason = self.adapter.unsupported_reason(self.info(backend), self.options.device)
         if reason:
             return reason
         try:
@@ -334,7 +388,20 @@ class CaseRun:
             case=self.case, cache=self.cache, device=self.options.device, program=self.program,
             float_model=self.float_model, quantized_model=self.quantized_model,
             stage_feeds=self.stage_feeds, model_key=self.model_key, quant_key=lambda: self.quant_key,
+            float_onnx=self.float_onnx, qdq_onnx=self.qdq_onnx,
         )
+
+    def float_onnx(self) -> dict[str, Path]:
+        """The float ONNX of every stage (cached; shared by every backend that takes ONNX)."""
+        return artifacts.float_onnx(self.cache, self.case.name, self.model_key,
+                                    lambda: self.program(self.float_model()), self.stage_feeds())
+
+    def qdq_onnx(self, layout: Literal["tensorrt", "onnxruntime"],
+                 weight_codes: Literal["int8", "uint8"] = "int8") -> dict[str, Path]:
+        """The Q/DQ ONNX of every stage of the calibrated model in `layout` (cached)."""
+        return artifacts.qdq_onnx(self.cache, self.case.name, self.quant_key,
+                                  lambda: self.program(self.quantized_model()), self.stage_feeds(), layout,
+                                  weight_codes)
 
     def runner(self, backend: str) -> Runner:
         """The prepared runner of `backend` (built once per run; artefacts cached on disk)."""
@@ -364,250 +431,145 @@ class CaseRun:
 
     @functools.cached_property
     def _quantized(self) -> nn.Module:
-        from harness.quant.pipeline import calibrated_model
+        from harness.calibration import calibrated_model
 
         return calibrated_model(self)
 
-    # -- items -------------------------------------------------------------------------------
+
+    # -- what checks share ---------------------------------------------------------------------
 
     def tolerance(self, backend: str, output: str) -> Tolerance:
         """The case's tolerance for one output of one backend."""
-        spec: CompareSpec = self.case.spec.backends[backend].compare
-        chosen = spec.outputs.get(output, spec)
-        return Tolerance(chosen.atol, chosen.rtol, chosen.max_mismatch, chosen.cosine_min, chosen.snr_min_db)
+        return self.case.spec.backends[backend].compare.tolerance(output)
 
-    def check_golden(self, backend: str, stage: str) -> Record:
-        """Run `stage` of `backend` on the golden inputs and compare with the golden outputs.
-
-        Returns the record when every output is within tolerance; raises ItemFailure with a
-        compact table otherwise, GoldenError when golden files are missing or stale.
-        """
-        started = time.perf_counter()
-        golden = self.golden_record()[stage]
-        runner = self.runner(backend)
-        feeds = {n: torch.from_numpy(a) for n, a in golden.inputs.items()}
-        actual = runner.run_stage(stage, feeds)
-        results: list[CompareResult] = []
-        for name, reference in golden.outputs.items():
-            if name not in actual:
-                raise HarnessError(f"{backend} stage '{stage}' produced no output '{name}' (got {sorted(actual)})")
-            results.append(compare(actual[name].detach().cpu().numpy(), reference,
-                                   self.tolerance(backend, name), name=name))
-        record = self._record(backend, "golden", stage, runner, started)
-        record.compare = {r.name: r.to_dict() for r in results}
-        failed = [r for r in results if not r.passed]
-        if failed:
-            record.verdict = "failed"
-            text = f"{self.case.name}[{backend}] stage '{stage}': {len(failed)} of {len(results)} outputs " \
-                   f"outside tolerance\n" + "\n\n".join(failure_table(r) for r in failed)
-            raise ItemFailure(text, record)
-        return record
-
-    def _record(self, backend: str, item: str, stage: str | None, runner: Runner | None, started: float) -> Record:
-        return Record(
-            case=self.case.name, profile=self.case.profile, backend=backend, item=item, stage=stage,
-            verdict="passed", info=dict(runner.info) if runner else {},
-            artifacts=self._artifacts(runner), duration_s=time.perf_counter() - started,
-        )
-
-    def _artifacts(self, runner: Runner | None) -> dict[str, str]:
+    def new_record(self, backend: str, item: str, stage: str | None, started: float,
+                   runner: Runner | None = None) -> Record:
+        """A passed record of `item` with the runner's info, the case's artefacts and the time
+        since `started` (perf_counter)."""
         out = {"golden": str(self.golden.dir), "case": str(self.case.path)}
         if self.case.checkpoint is not None:
             out["checkpoint"] = str(self.case.checkpoint)
         if runner is not None:
             out.update(runner.artifacts)
-        return out
+        return Record(case=self.case.name, profile=self.case.profile, backend=backend, item=item, stage=stage,
+                      verdict="passed", info=dict(runner.info) if runner else {}, artifacts=out,
+                      duration_s=time.perf_counter() - started)
 
-    # -- metrics -----------------------------------------------------------------------------
-
-    def run_batches(self, backend: str, batches: Iterable[Batch]) -> Iterator[tuple[Batch, dict[str, torch.Tensor]]]:
-        """Run `backend` end to end on each batch; outputs come back on the CPU. NaN/Inf in a
-        float output is a MetricError naming the backend, the output and the samples."""
-        for batch, outputs, _ in self._run(backend, batches, record_stages=False):
-            yield batch, outputs
-
-    def _run(self, backend: str, batches: Iterable[Batch], *,
-             record_stages: bool) -> Iterator[tuple[Batch, dict[str, torch.Tensor], dict[str, StageIO]]]:
-        """`run_batches`, also yielding each stage's feeds and outputs (CPU) when `record_stages`."""
-        runner = self.runner(backend)
-        program = self.program(self._float_model)
-        for batch in batches:
-            stages: dict[str, StageIO] = {}
-
-            def call(stage: str, feeds: dict[str, torch.Tensor], stages: dict[str, StageIO] = stages) -> dict[str, torch.Tensor]:
-                outputs = runner.run_stage(stage, feeds)
-                stages[stage] = ({k: v.detach().cpu() for k, v in feeds.items()},
-                                 {k: v.detach().cpu() for k, v in outputs.items()})
-                return outputs
-
-            run_stage = call if record_stages else runner.run_stage
-            outputs = {k: v.detach().cpu() for k, v in program.run(batch.inputs, run_stage).items()}
-            for name, tensor in outputs.items():
-                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                    bad = int((~torch.isfinite(tensor)).sum())
-                    raise MetricError(f"{backend}: output '{name}' has {bad} NaN/Inf values "
-                                      f"in samples {', '.join(batch.sample_ids)}")
-            yield batch, outputs, stages
+    def metric(self) -> Metric:
+        """A fresh accumulator of the case's metric (CaseError when the case has none)."""
+        spec = self.case.spec.metric
+        cls = self.metric_class
+        if spec is None or cls is None:
+            raise self.case.error("the case has no metric section", "metric")
+        try:
+            return cls(**spec.args)
+        except (MetricArgsError, TypeError, ValueError) as exc:
+            key = getattr(exc, "key", None)
+            raise self.case.error(str(exc), "metric", "args", *([key] if key else [])) from exc
 
     def eval_batches(self) -> Iterator[Batch]:
-        """The evaluation dataset in metric batches."""
-        return self.adapter.batches(self.dataset(), self.case.spec.data.batch_size)
+        """The evaluation dataset in metric batches; the batches are kept in memory for the next
+        backend while their inputs total at most BATCH_CACHE_BYTES (else regenerated)."""
+        if self._batches is not None:
+            yield from self._batches
+            return
+        kept: list[Batch] | None = []
+        size = 0
+        for batch in self.adapter.batches(self.dataset(), self.case.spec.data.batch_size):
+            if kept is not None:
+                size += sum(t.numel() * t.element_size() for t in batch.inputs.values())
+                if size <= BATCH_CACHE_BYTES:
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield batch
+        if kept is not None:
+            self._batches = kept
 
-    def metric_values(self, backend: str) -> MetricValues:
-        """Run `backend` end to end over the evaluation dataset and compute the case metric."""
-        accumulator = self.adapter.metric()
-        if accumulator is None:
-            raise self.case.error(f"task '{self.case.spec.task}' has no metric", "metric")
-        for batch, outputs in self.run_batches(backend, self.eval_batches()):
-            accumulator.update(outputs, batch)
-        return accumulator.compute()
+    @property
+    def fidelity_references(self) -> frozenset[str]:
+        """Backends another backend of this case compares with (their outputs are kept)."""
+        return frozenset(spec.fidelity.reference for spec in self.case.spec.backends.values()
+                         if spec.fidelity is not None)
 
-    def pictures(self, backend: str, count: int = 2) -> dict[str, str]:
-        """Comparison pictures of the first `count` samples (float vs `backend`) in the report
-        folder; returns record artifacts `picture:<file>` -> path."""
-        assert self.options.report_dir is not None
-        batch = next(iter(self.adapter.batches(self.dataset(), count)))
-        outputs = {"float": next(self.run_batches("torch-fp32", [batch]))[1]}
-        if backend != "torch-fp32":
-            outputs[backend] = next(self.run_batches(backend, [batch]))[1]
-        out_dir = self.options.report_dir / "pictures" / self.case.name
-        paths = self.adapter.pictures(batch, outputs, out_dir, backend)
-        return {f"picture:{p.name}": str(p) for p in paths}
+    def evaluation(self, backend: str) -> Evaluation:
+        """`backend`'s run over the evaluation set (metric, fidelity, first batch), computed once
+        per context and shared by the checks (`harness.evaluation`)."""
+        if backend not in self._evaluations:
+            from harness.evaluation import evaluate
 
-    def check_fidelity(self, backend: str) -> Record:
-        """Agreement of `backend` with its fidelity reference over the evaluation set: cosine
-        of every output (accumulated over all batches) and the task's prediction agreement.
+            self._evaluations[backend] = evaluate(self, backend)
+        return self._evaluations[backend]
 
-        Multi-stage programs also get a cosine per stage output, each stage of `backend` fed with
-        the reference's inputs of that stage (so a stage is judged on its own, not on what the
-        stages before it passed on); `cosine_min` applies to those too.
-        """
-        started = time.perf_counter()
-        spec = self.case.spec.backends[backend].fidelity
-        assert spec is not None
-        sums: dict[str, list[float]] = {}
-        stage_sums: dict[str, dict[str, list[float]]] = {}
-        staged = not self.program(self._float_model).is_single
-        agree = total = 0
-        pairs = zip(self.run_batches(backend, self.eval_batches()),
-                    self._run(spec.reference, self.eval_batches(), record_stages=staged), strict=True)
-        for (batch, out), (_, ref, ref_stages) in pairs:
-            for name, tensor in out.items():
-                _accumulate(sums.setdefault(name, [0.0, 0.0, 0.0]), tensor, ref[name])
-            counted = self.adapter.agreement(out, ref, batch)
-            if counted is not None:
-                agree, total = agree + counted[0], total + counted[1]
-            for stage, (feeds, expected) in ref_stages.items():
-                actual = self.runner(backend).run_stage(stage, feeds)
-                for name, tensor in expected.items():
-                    _accumulate(stage_sums.setdefault(stage, {}).setdefault(name, [0.0, 0.0, 0.0]),
-                                actual[name].detach().cpu(), tensor)
-        cosine = {n: _cosine(acc) for n, acc in sums.items()}
-        stage_cosine = {s: {n: _cosine(acc) for n, acc in outs.items()} for s, outs in stage_sums.items()}
-        agreement = agree / total if total else None
-        record = self._record(backend, "fidelity", None, self._runners.get(backend), started)
-        record.fidelity = {"reference": spec.reference, "cosine": cosine, "agreement": agreement,
-                           "agreeing": agree, "compared": total}
-        if staged:
-            record.fidelity["stages"] = stage_cosine
-        problems = []
-        if spec.cosine_min is not None:
-            problems += [f"cosine of '{n}' vs {spec.reference} {c:.6f} < {spec.cosine_min}" for n, c in cosine.items()
-                         if c < spec.cosine_min]
-            problems += [f"stage '{s}': cosine of '{n}' vs {spec.reference} {c:.6f} < {spec.cosine_min}"
-                         for s, outs in stage_cosine.items() for n, c in outs.items() if c < spec.cosine_min]
-        if spec.agreement_min is not None and (agreement is None or agreement < spec.agreement_min):
-            shown = "n/a (task has no agreement measure)" if agreement is None else f"{agreement:.6f}"
-            problems.append(f"prediction agreement with {spec.reference} {shown} < {spec.agreement_min}")
-        if problems:
-            record.verdict = "failed"
-            raise ItemFailure(f"{self.case.name}[{backend}] fidelity:\n  " + "\n  ".join(problems), record)
-        return record
-
-    def check_rules(self, backend: str) -> Record:
-        """Export the calibrated model's stages in TensorRT's Q/DQ layout (cached, shared with
-        trt-int8; TensorRT itself is not needed) and check the quantization rules on the graphs
-        (`harness.export.inspect`). The record carries the rule report; any violation fails
-        with the list of violating nodes."""
-        from harness.backends.onnxruntime import qdq_onnx
-        from harness.export.inspect import rule_report
-        from harness.quant.transform import summarize
-
-        started = time.perf_counter()
-        paths = qdq_onnx(self.prepare_context(), "tensorrt")
-        model = self.quantized_model()
-        program = self.program(model)
-        report = rule_report({s: (paths[s], program.model) for s in program.stages}, self.case.spec.quant.rules,
-                             summarize(model))
-        record = self._record(backend, "rules", None, None, started)
-        record.artifacts.update({f"onnx-qdq-tensorrt:{s}": str(p) for s, p in paths.items()})
-        record.rules = report.to_dict()
-        if not report.passed:
-            record.verdict = "failed"
-            raise ItemFailure(f"{self.case.name}[{backend}] rules: {report.failure_text()}", record)
-        return record
+    @property
+    def float_reference(self) -> str:
+        """The backend whose outputs are the golden reference and whose metric is the float metric."""
+        return backend_with_role(FLOAT_REFERENCE)
 
     def float_metric(self) -> dict[str, Any]:
-        """The float model's metric (torch-fp32 on this run's device), cached on disk."""
+        """The float model's metric (the float reference backend on this run's device), cached on disk."""
         assert self.case.spec.metric is not None
         key = content_key("float-metric", self.model_key, self.case.spec.data.model_dump(),
-                          self.case.spec.metric.model_dump(), library_versions(), self.options.device.type)
+                          self.case.spec.metric.model_dump(), self.case.spec.task_args, library_versions(),
+                          self.options.device.type)
 
         def compute() -> dict[str, Any]:
-            values = self.metric_values("torch-fp32")
+            values = self.evaluation(self.float_reference).metric
+            assert values is not None
             return {"values": values.values, "primary": values.primary, "details": values.details}
 
         return self.cache.json_value(f"{self.case.name}/float-metric", key, compute)
 
-    def gated_keys(self, primary: str) -> list[str]:
-        """The metric figures the gates apply to (`metric.keys`, default the primary)."""
-        assert self.case.spec.metric is not None
-        return list(self.case.spec.metric.keys) or [primary]
+    def gated_keys(self) -> list[str]:
+        """The metric figures the gates apply to (`metric.keys`, default the metric's primary)."""
+        spec, cls = self.case.spec.metric, self.metric_class
+        assert spec is not None and cls is not None
+        return list(spec.keys) or [cls.primary]
 
-    def check_metric(self, backend: str) -> Record:
-        """Gate `backend`'s metric against float_min, min_ratio / max_drop and the baseline."""
-        from harness.gates import evaluate_gates
-
-        started = time.perf_counter()
-        metric = self.case.spec.metric
-        if metric is None:
-            raise self.case.error("the case has no metric section", "metric")
-        float_result = self.float_metric()
-        values = self.metric_values(backend)
-        # Under --update-golden this run's figures become the new baseline, so the old one is not a gate.
-        baselines = {} if self.options.update_golden else self._baselines().get(backend, {})
-        gate = self.case.spec.backends[backend].metric
-        outcome = evaluate_gates(
-            backend=backend, keys=self.gated_keys(values.primary), values=values.values,
-            float_values=float_result["values"], float_min=metric.float_min, gate=gate,
-            baselines=baselines, baseline_tolerance=(gate.baseline_tolerance if gate and gate.baseline_tolerance
-                                                     is not None else metric.baseline_tolerance),
-        )
-        record = self._record(backend, "metric", None, self._runners.get(backend), started)
-        record.metric = outcome.to_dict(metric.name, values.primary, values.details, float_result["details"])
-        if self.options.report_dir is not None:
-            record.artifacts.update(self.pictures(backend))
-        if self.options.update_golden:
-            self._store_baseline(backend, values, float_result["values"])
-        if not outcome.passed:
-            record.verdict = "failed"
-            raise ItemFailure(outcome.failure_text(self.case.name), record)
-        return record
-
-    def _baselines(self) -> dict[str, dict[str, float]]:
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """Per-backend baseline figures stored in golden meta.json (empty without golden files)."""
         if not self.golden.exists():
             return {}
         baselines: dict[str, dict[str, float]] = self.golden.meta().get("baselines", {})
         return baselines
 
-    def _store_baseline(self, backend: str, values: MetricValues, float_values: Mapping[str, float]) -> None:
-        keys = self.gated_keys(values.primary)
+    def store_baseline(self, backend: str, values: Mapping[str, float], float_values: Mapping[str, float]) -> None:
+        """Record `backend`'s gated figures (and the float ones) as the accepted baseline."""
+        keys = self.gated_keys()
 
         def change(meta: dict[str, Any]) -> None:
-            meta.setdefault("baselines", {})[backend] = {k: values.values[k] for k in keys}
-            meta["float_metric"] = {k: float_values[k] for k in keys if not math.isnan(float_values[k])}
+            meta.setdefault("baselines", {})[backend] = {k: values[k] for k in keys}
+            meta["float_metric"] = {k: float_values[k] for k in keys if not np.isnan(float_values[k])}
 
         if not self.golden.exists():
             self.write_golden()
         self.golden.update_meta(change)
+
+    def run_outputs(self, backend: str, batch: Batch) -> dict[str, torch.Tensor]:
+        """`backend` end to end on one batch (outputs on the CPU)."""
+        program = self.program(self._float_model)
+        runner = self.runner(backend)
+        with torch.inference_mode():
+            return {k: v.detach().cpu() for k, v in program.run(batch.inputs, runner.run_stage).items()}
+
+    @functools.cached_property
+    def picture_batch(self) -> Batch:
+        """The first two samples of the evaluation set, the batch comparison pictures show."""
+        return next(iter(self.adapter.batches(self.dataset(), 2)))
+
+    def pictures(self, backend: str) -> dict[str, str]:
+        """Comparison pictures (float vs `backend`) of `picture_batch` in the report folder;
+        returns record artifacts `picture:<file>` -> path."""
+        assert self.options.report_dir is not None
+        batch = self.picture_batch
+        outputs = {"float": self._float_picture_outputs}
+        if backend != self.float_reference:
+            outputs[backend] = self.run_outputs(backend, batch)
+        out_dir = self.options.report_dir / "pictures" / self.case.name
+        paths = self.adapter.pictures(batch, outputs, out_dir, backend)
+        return {f"picture:{p.name}": str(p) for p in paths}
+
+    @functools.cached_property
+    def _float_picture_outputs(self) -> dict[str, torch.Tensor]:
+        return self.run_outputs(self.float_reference, self.picture_batch)
 
