@@ -255,11 +255,13 @@ class CosineAccumulator:
 
     def add(self, actual: np.ndarray, reference: np.ndarray) -> None:
         """Accumulate one more piece of both tensors (same number of elements)."""
-        a = np.asarray(actual, dtype=np.float64).reshape(-1)
-        r = np.asarray(reference, dtype=np.float64).reshape(-1)
-        self.dot += float(a @ r)
-        self.aa += float(a @ a)
-        self.rr += float(r @ r)
+        pair = np.empty((2, np.size(actual)), dtype=np.float64)
+        pair[0] = np.asarray(actual).reshape(-1)
+        pair[1] = np.asarray(reference).reshape(-1)
+        gram = pair @ pair.T  # one float64 BLAS call for a.a, a.r and r.r
+        self.aa += float(gram[0, 0])
+        self.dot += float(gram[0, 1])
+        self.rr += float(gram[1, 1])
 
     @property
     def value(self) -> float:

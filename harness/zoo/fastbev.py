@@ -1113,21 +1113,29 @@ def _cross(a: FloatArray, b: FloatArray) -> FloatArray:
 
 def bev_iou(box: FloatArray, boxes: FloatArray) -> FloatArray:
     """Rotated BEV IoU of one (x, y, w, l, yaw) box with each of `boxes` [M, 5] -> [M]."""
-    m = boxes.shape[0]
+    return pair_iou(np.broadcast_to(box, boxes.shape), boxes)
+
+
+_NEXT = np.array([1, 2, 3, 0])
+
+
+def pair_iou(first: FloatArray, second: FloatArray) -> FloatArray:
+    """Rotated BEV IoU of each pair of (x, y, w, l, yaw) boxes: `first[k]` with `second[k]` -> [M]."""
+    m = second.shape[0]
     if m == 0:
         return np.zeros(0)
-    a = np.broadcast_to(_corners(box[None]), (m, 4, 2))
-    b = _corners(boxes)
+    a = _corners(first)
+    b = _corners(second)
     eps = 1e-9
 
     def inside(points: FloatArray, poly: FloatArray) -> npt.NDArray[np.bool_]:
-        edges = np.roll(poly, -1, axis=1) - poly  # [M, 4, 2]
+        edges = poly[:, _NEXT] - poly  # [M, 4, 2]
         rel = points[:, :, None, :] - poly[:, None, :, :]  # [M, P, 4, 2]
         result: npt.NDArray[np.bool_] = np.all(_cross(edges[:, None], rel) >= -eps, axis=2)
         return result
 
-    a0, a1 = a, np.roll(a, -1, axis=1)
-    b0, b1 = b, np.roll(b, -1, axis=1)
+    a0, a1 = a, a[:, _NEXT]
+    b0, b1 = b, b[:, _NEXT]
     da = (a1 - a0)[:, :, None, :]  # [M, 4, 1, 2]
     db = (b1 - b0)[:, None, :, :]  # [M, 1, 4, 2]
     offset = b0[:, None, :, :] - a0[:, :, None, :]  # [M, 4, 4, 2]
@@ -1149,33 +1157,61 @@ def bev_iou(box: FloatArray, boxes: FloatArray) -> FloatArray:
     ordered = np.where((rank < count[:, None])[..., None], ordered, ordered[:, :1])
     inter = np.abs(_cross(ordered, np.roll(ordered, -1, axis=1)).sum(axis=1)) / 2
     inter = np.where(count >= 3, inter, 0.0)
-    area_a = box[2] * box[3]
-    area_b = boxes[:, 2] * boxes[:, 3]
+    area_a = first[:, 2] * first[:, 3]
+    area_b = second[:, 2] * second[:, 3]
     result: FloatArray = inter / np.maximum(area_a + area_b - inter, 1e-8)
     return result
 
 
+_PAIR_BLOCK = 1 << 20
+"""Candidate pairs whose distances are screened at once in `_nms`."""
+
+
 def _nms(bev: FloatArray, scores: FloatArray, kind: str, threshold: float) -> npt.NDArray[np.int64]:
-    """Greedy NMS by descending score (stable); returns kept indices in score order."""
+    """Greedy NMS by descending score (stable); returns kept indices in score order.
+
+    Which box would suppress which is computed for all pairs first (centre distance for
+    'circle'; rotated IoU of the pairs whose bounding circles overlap for 'rotate', in one
+    vectorised call), then the greedy pass walks the boxes by score.
+    """
     order = np.argsort(-scores, kind="stable")
     bev = bev[order]
-    suppressed = np.zeros(len(order), dtype=bool)
-    keep: list[int] = []
+    n = len(order)
     reach = np.hypot(bev[:, 2], bev[:, 3]) / 2
-    for i in range(len(order)):
-        if suppressed[i]:
-            continue
-        keep.append(int(order[i]))
-        rest = np.nonzero(~suppressed[i + 1 :])[0] + i + 1
-        if rest.size == 0:
-            continue
-        dist2 = (bev[rest, 0] - bev[i, 0]) ** 2 + (bev[rest, 1] - bev[i, 1]) ** 2
+    cos, sin = np.abs(np.cos(bev[:, 4])), np.abs(np.sin(bev[:, 4]))
+    half = np.stack((bev[:, 3] * cos + bev[:, 2] * sin, bev[:, 3] * sin + bev[:, 2] * cos), axis=1) / 2 + 1e-6
+    area = bev[:, 2] * bev[:, 3]
+    first_parts, second_parts = [], []
+    rows = np.arange(n)
+    for start in range(0, n, max(1, _PAIR_BLOCK // max(n, 1))):
+        i = np.repeat(rows[start:start + max(1, _PAIR_BLOCK // max(n, 1))], n)
+        j = np.tile(rows, len(i) // n if n else 0)
+        upper = j > i
+        i, j = i[upper], j[upper]
+        dist2 = (bev[j, 0] - bev[i, 0]) ** 2 + (bev[j, 1] - bev[i, 1]) ** 2
         if kind == "circle":
-            suppressed[rest[dist2 <= threshold]] = True
+            hit = dist2 <= threshold
+        else:
+            # IoU >= threshold needs overlapping bounding circles and boxes and an area ratio
+            # of at least `threshold` (IoU <= smaller area / larger area)
+            near = dist2 < (reach[j] + reach[i]) ** 2
+            near &= (np.abs(bev[j, 0] - bev[i, 0]) < half[j, 0] + half[i, 0])
+            near &= (np.abs(bev[j, 1] - bev[i, 1]) < half[j, 1] + half[i, 1])
+            near &= np.minimum(area[i], area[j]) >= threshold * np.maximum(area[i], area[j])
+            i, j = i[near], j[near]
+            hit = pair_iou(bev[i], bev[j]) >= threshold
+        first_parts.append(i[hit])
+        second_parts.append(j[hit])
+    first = np.concatenate(first_parts) if first_parts else np.zeros(0, np.int64)
+    second = np.concatenate(second_parts) if second_parts else np.zeros(0, np.int64)
+    by_first = np.split(second, np.searchsorted(first, np.arange(1, n))) if n else []
+    suppressed = np.zeros(n, dtype=bool)
+    keep: list[int] = []
+    for k in range(n):
+        if suppressed[k]:
             continue
-        near = rest[dist2 < (reach[rest] + reach[i]) ** 2]
-        if near.size:
-            suppressed[near[bev_iou(bev[i], bev[near]) >= threshold]] = True
+        keep.append(int(order[k]))
+        suppressed[by_first[k]] = True
     return np.asarray(keep, dtype=np.int64)
 
 
