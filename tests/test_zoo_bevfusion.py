@@ -190,7 +190,7 @@ def test_frustum_geometry_matches_per_point_loop() -> None:
                     u, v = w * (64 - 1) / (8 - 1), h * (32 - 1) / (4 - 1)
                     x, y, z, _ = inv[n] @ np.array([u * d, v * d, d, 1.0])
                     ix, iy, iz = (
-                        math.floor((p - b[0]) / b[2])
+                        math.trunc((p - b[0]) / b[2])
                         for p, b in ((x, xbound), (y, ybound), (z, zbound))
                     )
                     if 0 <= ix < nx and 0 <= iy < ny and 0 <= iz < nz:

@@ -401,8 +401,9 @@ def frustum_geometry(
     Frustum points as BEVFusion's: feature column j sits at image x `j*(W-1)/(fW-1)` (rows
     likewise), at each depth of `depth_bins(dbound)`; lifted to the lidar frame by inverting
     `lidar2img` [N, 4, 4] (image pixels, any image augmentation folded in). Cells are
-    `floor((p - lo) / step)` per axis (BEVFusion truncates toward zero instead, which also keeps
-    points up to one cell below `lo`).
+    `(p - lo) / step` truncated toward zero per axis, as BEVFusion's `.long()` and CUDA-BEVFusion's
+    integer cast do: a point less than one cell below `lo` lands in cell 0 (flooring would drop
+    it), so the first cell of each axis gathers up to twice the volume of the others.
     """
     if lidar2img.dim() != 3 or tuple(lidar2img.shape[1:]) != (4, 4):
         raise HarnessError(
@@ -422,7 +423,7 @@ def frustum_geometry(
     inside = torch.ones(points.shape[:-1], dtype=torch.bool, device=device)
     for axis, bound in ((2, zbound), (0, xbound), (1, ybound)):
         n = _bins(bound)
-        cell = torch.floor((points[..., axis] - float(bound[0])) / float(bound[2])).to(torch.int64)
+        cell = torch.trunc((points[..., axis] - float(bound[0])) / float(bound[2])).to(torch.int64)
         inside &= (cell >= 0) & (cell < n)
         index = index * n + cell.clamp(0, n - 1)
     return torch.where(inside, index, torch.full_like(index, -1))
