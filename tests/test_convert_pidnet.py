@@ -50,7 +50,7 @@ def test_class_count_comes_from_the_head() -> None:
 
 def test_backbone_only_and_wrong_sizes_are_named() -> None:
     state = pidnet_s(19).state_dict()
-    with pytest.raises(CheckpointError, match="final_layer.conv2.weight.*ImageNet"):
+    with pytest.raises(CheckpointError, match=r"final_layer\.conv2\.weight.*ImageNet"):
         convert({k: v for k, v in state.items() if not k.startswith("final_layer.")})
     state["conv1.0.weight"] = torch.zeros(64, 3, 3, 3)
     with pytest.raises(CheckpointError, match=r"conv1.0.weight: expected \[32, 3, 3, 3\], found \[64, 3, 3, 3\]"):

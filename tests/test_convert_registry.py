@@ -24,7 +24,7 @@ def test_unwrap_finds_nested_state_dicts_and_rejects_other_objects() -> None:
     weight = torch.ones(2)
     assert unwrap({"state_dict": {"a": weight}, "meta": {"epoch": 3}}, "x.pth") == {"a": weight}
     assert unwrap({"model": {"state_dict": {"a": weight}}}, "x.pth") == {"a": weight}
-    with pytest.raises(CheckpointError, match="x.pth: entries that are not tensors: \\['b'\\]"):
+    with pytest.raises(CheckpointError, match=r"x\.pth: entries that are not tensors: \['b'\]"):
         unwrap({"a": weight, "b": 3}, "x.pth")
     with pytest.raises(CheckpointError, match="no state dict"):
         unwrap([weight], "x.pth")
@@ -55,10 +55,10 @@ def test_unreadable_and_unfitting_files_name_the_file(tmp_path: Path) -> None:
         convert_file("pidnet", tmp_path / "missing.pt", tmp_path / "out.pt")
     pickled = tmp_path / "pickled.pt"
     torch.save({"state_dict": {"a": torch.ones(1)}, "meta": {"hook": object()}}, pickled)
-    with pytest.raises(CheckpointError, match="pickled.pt: torch.load\\(weights_only=True\\) refused"):
+    with pytest.raises(CheckpointError, match=r"pickled\.pt: torch\.load\(weights_only=True\) refused"):
         convert_file("pidnet", pickled, tmp_path / "out.pt")
     wrong = tmp_path / "fastbev.pth"
     torch.save({"state_dict": {"neck_fuse_0.weight": torch.ones(1)}}, wrong)
-    with pytest.raises(CheckpointError, match="fastbev.pth: cuda-fastbev .*missing"):
+    with pytest.raises(CheckpointError, match=r"fastbev\.pth: cuda-fastbev .*missing"):
         convert_file("cuda-fastbev", wrong, tmp_path / "out.pt", "ci")
     assert not (tmp_path / "out.pt").exists()

@@ -46,11 +46,13 @@ def _check_geometry(state: Mapping[str, torch.Tensor], config: BEVFusionConfig, 
         value = state[key]
         if name == "frustum":
             ok = tuple(value.shape) == tuple(expected[name].shape)
-            shown_exp, shown_got = list(expected[name].shape), list(value.shape)
+            shown_exp, shown_got = str(list(expected[name].shape)), str(list(value.shape))
         else:
-            ok = value.numel() == 3 and torch.allclose(value.double().flatten(), expected[name].double(), atol=1e-4)
-            shown_exp = [round(float(v), 4) for v in expected[name].tolist()]
-            shown_got = [round(float(v), 4) for v in value.flatten().tolist()]
+            ok = value.numel() == 3 and torch.allclose(
+                value.double().flatten(), expected[name].double(), atol=1e-4
+            )
+            shown_exp = str([round(float(v), 4) for v in expected[name].flatten()])
+            shown_got = str([round(float(v), 4) for v in value.flatten()])
         if not ok:
             raise CheckpointError(
                 f"cuda-bevfusion-r50: {key} is {shown_got}, profile {profile!r} expects {shown_exp} "

@@ -64,8 +64,8 @@ class BEVFusionStaged(nn.Module):
         self.camera_vtransform = BEVFusionVTransformStage(model)
         self.fuser_decoder = BEVFusionFuserStage(model)
         self.train(model.training)
-        self.register_state_dict_post_hook(_drop_stage_aliases)
-        self.register_load_state_dict_pre_hook(_fill_stage_aliases)
+        self.register_state_dict_post_hook(_drop_stage_aliases)  # type: ignore[no-untyped-call]
+        self.register_load_state_dict_pre_hook(_fill_stage_aliases)  # type: ignore[no-untyped-call]
 
     @property
     def model(self) -> BEVFusionCamera:
