@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from harness.datasets.cityscapes import LABEL_TO_TRAIN_ID, Cityscapes, CityscapesError, train_ids
@@ -80,3 +81,41 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
     (tmp_path / "gtFine" / "val" / "lindau" / "lindau_000001_000019_gtFine_labelIds.png").unlink()
     with pytest.raises(CityscapesError, match=r"lindau_000001_000019_leftImg8bit\.png has no label file"):
         Cityscapes(tmp_path, "val")
+
+
+CASE = """\
+name: cityscapes-pidnet
+task: segmentation
+model:
+  factory: harness.zoo.pidnet:pidnet_s
+  args: {{num_classes: 19}}
+data:
+  factory: harness.datasets.cityscapes:Cityscapes
+  args: {{root: {root}, split: val, height: 64, width: 128}}
+  calibration: {{args: {{size: 1}}}}
+golden: {{dir: golden/cityscapes-pidnet, samples: 1}}
+metric: {{name: miou, args: {{num_classes: 19, ignore_index: 255}}}}
+backends:
+  torch-fp32: {{}}
+"""
+
+
+def test_a_case_scores_the_loader_with_the_segmentation_task(tmp_path: Path) -> None:
+    from harness.cases import load_case
+    from harness.session import CaseRun, RunOptions, build_float_model
+
+    write_tree(tmp_path / "cityscapes")
+    path = tmp_path / "cases" / "cityscapes.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(CASE.format(root=tmp_path / "cityscapes"))
+    (tmp_path / "pyproject.toml").touch()
+    case = load_case(path)
+    run = CaseRun(case, RunOptions.default(tmp_path))
+    assert len(run.dataset()) == 3 and len(run.dataset("calibration")) == 1
+    model, metric = build_float_model(case), run.adapter.metric()
+    for batch in run.adapter.batches(run.dataset(), 2):
+        assert batch.inputs["image"].shape[1:] == (3, 64, 128)
+        with torch.no_grad():
+            metric.update({"logits": model(batch.inputs["image"])}, batch)
+    values = metric.compute()
+    assert 0.0 <= values.values["pixel_acc"] <= 1.0 and values.primary == "miou"

@@ -152,3 +152,39 @@ def test_bad_roots_and_splits_are_named(dataroot: tuple[Path, dict[str, Any]], t
         NuScenesCameras(dataroot[0], VERSION, "test")
     with pytest.raises(NuScenesError, match="both image_height and image_width"):
         NuScenesCameras(dataroot[0], VERSION, "mini_val", image_height=32)
+
+
+CASE = """\
+name: nuscenes-fastbev
+task: detection3d
+model:
+  factory: harness.zoo.fastbev:fastbev_r18
+  args: {{profile: ci}}
+data:
+  factory: harness.datasets.nuscenes:NuScenesCameras
+  args: {{dataroot: {root}, version: v1.0-mini, split: mini_val, image_height: 64, image_width: 176}}
+  calibration: {{args: {{split: mini_train}}}}
+golden: {{dir: golden/nuscenes-fastbev, samples: 1}}
+metric: {{name: nds}}
+backends:
+  torch-fp32: {{}}
+"""
+
+
+def test_a_case_feeds_the_loader_to_the_detection3d_task(dataroot: tuple[Path, dict[str, Any]],
+                                                         tmp_path: Path) -> None:
+    from harness.cases import load_case
+    from harness.session import CaseRun, RunOptions
+
+    path = tmp_path / "cases" / "nuscenes.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(CASE.format(root=dataroot[0]))
+    (tmp_path / "pyproject.toml").touch()
+    run = CaseRun(load_case(path), RunOptions.default(tmp_path))
+    data = run.dataset()
+    assert len(data) == 2 and len(run.dataset("calibration")) == 1
+    batches = list(run.adapter.batches(data, 2))
+    assert len(batches) == 1 and batches[0].inputs["image"].shape == (12, 3, 64, 176)
+    assert batches[0].sample_ids == data.tokens
+    assert [b.label for b in batches[0].targets[0].boxes] == ["car", "pedestrian", "barrier"]
+    np.testing.assert_array_equal(batches[0].targets[1].lidar2img, data[1].lidar2img)
