@@ -53,12 +53,13 @@ def _record_training(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from harness.convert.registry import convert_file
+    from harness.convert.registry import convert_file, get_converter
 
     conversion = convert_file(args.model, Path(args.source), Path(args.target), args.profile)
     for note in conversion.notes:
         print(f"{args.model}: {note}")
-    print(f"{args.model}: wrote {len(conversion.state)} entries to {args.target}")
+    print(f"{args.model}: wrote {len(conversion.state)} entries to {args.target}, a state dict for "
+          f"{get_converter(args.model).factory} (the case's model.checkpoint)")
     return 0
 
 

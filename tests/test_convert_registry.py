@@ -42,7 +42,7 @@ def test_cli_converts_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     source, target = tmp_path / "PIDNet_S_Cityscapes_val.pt", tmp_path / "out" / "model.pt"
     torch.save({f"model.{k}": v for k, v in model.state_dict().items()}, source)
     assert main(["convert", "pidnet", str(source), str(target)]) == 0
-    assert "wrote" in capsys.readouterr().out
+    assert "a state dict for harness.zoo.pidnet:pidnet_s" in capsys.readouterr().out
     loaded = read_state_dict(target)
     assert loaded.keys() == model.state_dict().keys()
     assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
