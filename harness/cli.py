@@ -100,10 +100,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", default="default")
     r.set_defaults(func=_record_training)
 
-    from harness.convert import NAMES
+    from harness.convert import NAMES, SUMMARIES
 
-    v = sub.add_parser("convert", help="map an official checkpoint onto the zoo model (docs/checkpoints.md)")
-    v.add_argument("model", choices=NAMES, help="which official checkpoint family")
+    v = sub.add_parser("convert", help="map an official checkpoint onto the zoo model (docs/checkpoints.md)",
+                       epilog="; ".join(f"{name}: {text}" for name, text in SUMMARIES.items()))
+    v.add_argument("model", choices=NAMES, help="which official checkpoint family (see below)")
     v.add_argument("source", help="official checkpoint (.pth / .pt), read with weights_only=True")
     v.add_argument("target", help="state dict to write, for the case's model.checkpoint")
     v.add_argument("--profile", default=None,

@@ -4,6 +4,13 @@ One module per model family (`pidnet`, `fastbev`, `bevfusion`, `centerpoint`), s
 `base`, the converters by name in `registry`. See docs/checkpoints.md.
 """
 
-NAMES: tuple[str, ...] = ("pidnet", "cuda-fastbev", "cuda-bevfusion-r50", "centerpoint")
-"""The converter names, importable without torch (the CLI's choices); `registry.CONVERTERS` has
-one entry each."""
+SUMMARIES: dict[str, str] = {
+    "pidnet": "official PIDNet-S (Cityscapes / CamVid) -> pidnet-s case",
+    "cuda-fastbev": "CUDA-FastBEV FastBEV-R18 -> fastbev-r18 case",
+    "cuda-bevfusion-r50": "CUDA-BEVFusion ResNet50 (camera branch, fuser, decoder) -> bevfusion-camera case",
+    "centerpoint": "det3d CenterPoint SCN (spconv 1.x) -> centerpoint-scn case, BN fused",
+}
+"""What each converter takes and gives, importable without torch (the CLI's help)."""
+
+NAMES: tuple[str, ...] = tuple(SUMMARIES)
+"""The converter names (the CLI's choices); `registry.CONVERTERS` has one entry each."""

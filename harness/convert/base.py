@@ -34,7 +34,7 @@ class Conversion:
 
 @dataclass(frozen=True)
 class Converter:
-    """One official checkpoint family -> one zoo model.
+    """One official checkpoint family -> one zoo model (`factory`, "module:callable").
 
     `convert(state, profile)` maps the official entries; `profiles` are the zoo profiles the
     result may be checked against (empty: the sizes are read from the checkpoint itself and
@@ -42,7 +42,6 @@ class Converter:
     """
 
     name: str
-    summary: str
     factory: str
     convert: Callable[[Mapping[str, torch.Tensor], str | None], Conversion]
     profiles: tuple[str, ...] = field(default=())

@@ -16,15 +16,11 @@ from harness.convert.base import (
 CONVERTERS: dict[str, Converter] = {
     c.name: c
     for c in (
-        Converter("pidnet", "official PIDNet-S (Cityscapes/CamVid) -> pidnet-s case",
-                  "harness.zoo.pidnet:pidnet_s", pidnet.convert),
-        Converter("cuda-fastbev", "CUDA-FastBEV FastBEV-R18 -> fastbev-r18 case",
-                  "harness.zoo.fastbev:fastbev_r18", fastbev.convert, fastbev.PROFILES),
-        Converter("cuda-bevfusion-r50", "CUDA-BEVFusion ResNet50 -> bevfusion-camera case",
-                  "harness.zoo.bevfusion_staged:bevfusion_camera_staged", bevfusion.convert,
-                  bevfusion.PROFILES),
-        Converter("centerpoint", "det3d CenterPoint (spconv 1.x) -> centerpoint-scn case, BN fused",
-                  "harness.zoo.centerpoint:centerpoint_scn", centerpoint.convert),
+        Converter("pidnet", "harness.zoo.pidnet:pidnet_s", pidnet.convert),
+        Converter("cuda-fastbev", "harness.zoo.fastbev:fastbev_r18", fastbev.convert, fastbev.PROFILES),
+        Converter("cuda-bevfusion-r50", "harness.zoo.bevfusion_staged:bevfusion_camera_staged",
+                  bevfusion.convert, bevfusion.PROFILES),
+        Converter("centerpoint", "harness.zoo.centerpoint:centerpoint_scn", centerpoint.convert),
     )
 }
 
