@@ -14,9 +14,9 @@ from harness.convert.base import (
     drop_prefixes,
     rename_prefix,
 )
-from harness.zoo.bevfusion import _PROFILES, BEVFusionCamera, BEVFusionConfig, _bins
+from harness.errors import HarnessError
+from harness.zoo.bevfusion import BEVFusionCamera, BEVFusionConfig, bevfusion_config
 
-PROFILES = tuple(sorted(_PROFILES))
 VTRANSFORM = "encoders.camera.vtransform."
 GEOMETRY = ("dx", "bx", "nx", "frustum")
 """The view transform's fixed geometry, stored as (non-trainable) parameters in BEVFusion."""
@@ -27,10 +27,11 @@ RENAMES = {"fuser.0.": "fuser.conv.", "fuser.1.": "fuser.bn."}
 def expected_geometry(config: BEVFusionConfig) -> dict[str, torch.Tensor]:
     """dx, bx, nx and the frustum shape BEVFusion derives from `config`'s bounds (x, y, z)."""
     bounds = (config.xbound, config.ybound, config.zbound)
+    nz, nx, ny = config.bev_zxy
     return {
         "dx": torch.tensor([b[2] for b in bounds], dtype=torch.float64),
         "bx": torch.tensor([b[0] + b[2] / 2.0 for b in bounds], dtype=torch.float64),
-        "nx": torch.tensor([_bins(b) for b in bounds], dtype=torch.int64),
+        "nx": torch.tensor([nx, ny, nz], dtype=torch.int64),
         "frustum": torch.empty(config.num_depth_bins, *config.feature_hw, 3),
     }
 
@@ -66,10 +67,10 @@ def convert(state: Mapping[str, torch.Tensor], profile: str | None = "full") -> 
     transform's fixed geometry (`dx`, `bx`, `nx`, `frustum`), rename `fuser.0` / `fuser.1` to
     `fuser.conv` / `fuser.bn`, check against the zoo model of `profile` (BN unfused)."""
     profile = profile or "full"
-    if profile not in _PROFILES:
-        raise CheckpointError(
-            f"cuda-bevfusion-r50: unknown profile {profile!r}; choose one of {list(PROFILES)}"
-        )
+    try:
+        config = bevfusion_config(profile)
+    except HarnessError as exc:
+        raise CheckpointError(f"cuda-bevfusion-r50: {exc}") from exc
     if any("_quantizer." in k for k in state):
         raise CheckpointError(
             "cuda-bevfusion-r50: the checkpoint holds quantizer state (*_quantizer._amax): it is "
@@ -80,7 +81,6 @@ def convert(state: Mapping[str, torch.Tensor], profile: str | None = "full") -> 
             "cuda-bevfusion-r50: encoders.camera.backbone.patch_embed.*: a SwinT backbone "
             "(mit-han-lab's release); the zoo builds CUDA-BEVFusion's ResNet50 model"
         )
-    config = _PROFILES[profile]
     geometry = _check_geometry(state, config, profile)
     kept, dropped = drop_prefixes(state, (*NOT_IN_ZOO, *(VTRANSFORM + g for g in GEOMETRY)))
     renamed, count = rename_prefix(kept, RENAMES)

@@ -7,17 +7,18 @@ from collections.abc import Mapping
 import torch
 
 from harness.convert.base import CheckpointError, Conversion, check_fits, rename_prefix
-from harness.zoo.fastbev import _PROFILES, FastBEV
-
-PROFILES = tuple(sorted(_PROFILES))
+from harness.errors import HarnessError
+from harness.zoo.fastbev import FastBEV, fastbev_config
 
 
 def convert(state: Mapping[str, torch.Tensor], profile: str | None = "full") -> Conversion:
     """Rename the single-level fuse conv `neck_fuse_0` to `neck_fuse`, check against the zoo
     FastBEV of `profile` (BN unfused, as the fastbev-r18 case loads it)."""
     profile = profile or "full"
-    if profile not in _PROFILES:
-        raise CheckpointError(f"cuda-fastbev: unknown profile {profile!r}; choose one of {list(PROFILES)}")
+    try:
+        config = fastbev_config(profile)
+    except HarnessError as exc:
+        raise CheckpointError(f"cuda-fastbev: {exc}") from exc
     levels = sorted({k.split(".", 1)[0] for k in state if k.startswith("neck_fuse_")})
     if len(levels) > 1:
         raise CheckpointError(
@@ -26,7 +27,7 @@ def convert(state: Mapping[str, torch.Tensor], profile: str | None = "full") -> 
         )
     renamed, count = rename_prefix(state, {"neck_fuse_0.": "neck_fuse."})
     with torch.random.fork_rng(devices=[]):
-        expected = FastBEV(_PROFILES[profile]).state_dict()
+        expected = FastBEV(config).state_dict()
     try:
         check_fits(renamed, expected, f"cuda-fastbev (FastBEV-R18, profile {profile!r})")
     except CheckpointError as exc:

@@ -12,14 +12,16 @@ from harness.convert.base import (
     read_state_dict,
     write_state_dict,
 )
+from harness.zoo import bevfusion as zoo_bevfusion
+from harness.zoo import fastbev as zoo_fastbev
 
 CONVERTERS: dict[str, Converter] = {
     c.name: c
     for c in (
         Converter("pidnet", "harness.zoo.pidnet:pidnet_s", pidnet.convert),
-        Converter("cuda-fastbev", "harness.zoo.fastbev:fastbev_r18", fastbev.convert, fastbev.PROFILES),
+        Converter("cuda-fastbev", "harness.zoo.fastbev:fastbev_r18", fastbev.convert, zoo_fastbev.PROFILES),
         Converter("cuda-bevfusion-r50", "harness.zoo.bevfusion_staged:bevfusion_camera_staged",
-                  bevfusion.convert, bevfusion.PROFILES),
+                  bevfusion.convert, zoo_bevfusion.PROFILES),
         Converter("centerpoint", "harness.zoo.centerpoint:centerpoint_scn", centerpoint.convert),
     )
 }

@@ -39,6 +39,7 @@ from harness.zoo.ops import Concat
 from harness.zoo.resnet import ResNet
 
 __all__ = [
+    "PROFILES",
     "SECOND",
     "SECONDFPN",
     "BEVFusionCamera",
@@ -51,6 +52,7 @@ __all__ = [
     "GeneralizedLSSFPN",
     "bev_pool",
     "bevfusion_camera_r50",
+    "bevfusion_config",
     "depth_bins",
     "frustum_geometry",
 ]
@@ -604,6 +606,19 @@ def _as_config_value(value: Any) -> Any:
     return value
 
 
+PROFILES: tuple[str, ...] = tuple(sorted(_PROFILES))
+"""Names of the built-in configurations."""
+
+
+def bevfusion_config(profile: str) -> BEVFusionConfig:
+    """The `BEVFusionConfig` of a built-in profile ('full': CUDA-BEVFusion's, 'ci': reduced)."""
+    if profile not in _PROFILES:
+        raise HarnessError(
+            f"bevfusion_camera_r50: unknown profile {profile!r}; choose one of {list(PROFILES)}"
+        )
+    return _PROFILES[profile]
+
+
 def bevfusion_camera_r50(profile: str = "full", seed: int = 0, **overrides: Any) -> BEVFusionCamera:
     """BEVFusion camera branch + fuser + decoder in eval mode with seeded random weights.
 
@@ -612,17 +627,14 @@ def bevfusion_camera_r50(profile: str = "full", seed: int = 0, **overrides: Any)
     structure at 6x3x64x192, 15 depth bins, 32x32 -> 16x16 BEV and narrow widths. Keyword
     overrides replace `BEVFusionConfig` fields.
     """
-    if profile not in _PROFILES:
-        raise HarnessError(
-            f"bevfusion_camera_r50: unknown profile {profile!r}; choose one of {sorted(_PROFILES)}"
-        )
+    base = bevfusion_config(profile)
     known = {f.name for f in fields(BEVFusionConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise HarnessError(
             f"bevfusion_camera_r50: unknown argument(s) {unknown}; BEVFusionConfig fields are {sorted(known)}"
         )
-    config = replace(_PROFILES[profile], **{k: _as_config_value(v) for k, v in overrides.items()})
+    config = replace(base, **{k: _as_config_value(v) for k, v in overrides.items()})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BEVFusionCamera(config)
