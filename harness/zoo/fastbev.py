@@ -1396,6 +1396,17 @@ def _as_config_value(value: Any) -> Any:
     return value
 
 
+PROFILES: tuple[str, ...] = tuple(sorted(_PROFILES))
+"""Names of the built-in configurations."""
+
+
+def fastbev_config(profile: str) -> FastBEVConfig:
+    """The `FastBEVConfig` of a built-in profile ('full': the seed's sizes, 'ci': reduced)."""
+    if profile not in _PROFILES:
+        raise HarnessError(f"fastbev_r18: unknown profile {profile!r}; choose one of {list(PROFILES)}")
+    return _PROFILES[profile]
+
+
 def fastbev_r18(
     profile: str = "full",
     seed: int = 0,
@@ -1412,17 +1423,14 @@ def fastbev_r18(
     path is taken from the working directory), else from the synthetic camera rig
     (`rig_lookup_tables`) and `grid_anchors`.
     """
-    if profile not in _PROFILES:
-        raise HarnessError(
-            f"fastbev_r18: unknown profile {profile!r}; choose one of {sorted(_PROFILES)}"
-        )
+    base = fastbev_config(profile)
     known = {f.name for f in fields(FastBEVConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise HarnessError(
             f"fastbev_r18: unknown argument(s) {unknown}; FastBEVConfig fields are {sorted(known)}"
         )
-    config = replace(_PROFILES[profile], **{k: _as_config_value(v) for k, v in overrides.items()})
+    config = replace(base, **{k: _as_config_value(v) for k, v in overrides.items()})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = FastBEV(config)
