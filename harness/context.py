@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
+import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ from harness.errors import BackendUnavailable, GoldenError, HarnessError
 from harness.export import artifacts
 from harness.factory import FactoryError, resolve
 from harness.golden import GoldenStore
+from harness.identity import Fingerprint, fingerprint
 from harness.metrics.base import Metric, MetricArgsError, metric_class
 from harness.program import SINGLE_STAGE, Program
 from harness.records import Record
@@ -104,25 +106,42 @@ def regenerate_command(case: Case) -> str:
 PATH_ARG_SUFFIXES = ("_dir", "_path", "_file")
 
 
+PATH_ARG_NAMES = ("root", "dataroot")
+
+
+def factory_failure(factory: str, exc: BaseException) -> str:
+    """One message for a factory that raised: the exception and the innermost frame of the
+    user's code (not pytest's or pluggy's), instead of a page of framework traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = next((f for f in reversed(frames) if "site-packages" not in f.filename), frames[-1] if frames else None)
+    at = f" (at {where.filename}:{where.lineno}, in {where.name})" if where else ""
+    return f"{factory} raised {type(exc).__name__}: {exc}{at}"
+
+
 def _is_path_arg(key: str, value: object) -> bool:
-    """Factory arguments named *_dir / *_path / *_file are paths, resolved like case paths."""
-    return isinstance(value, str) and key.endswith(PATH_ARG_SUFFIXES)
+    """Factory arguments named *_dir / *_path / *_file, `root` or `dataroot` are paths, resolved
+    like case paths."""
+    return isinstance(value, str) and (key.endswith(PATH_ARG_SUFFIXES) or key in PATH_ARG_NAMES)
 
 
 def build_float_model(case: Case) -> nn.Module:
     """Build the case's model on the CPU in float32 eval mode, loading its checkpoint if any.
 
     Checkpoints are read with `torch.load(weights_only=True)`; a state dict may be stored bare or
-    under "state_dict"/"model". Arguments named *_dir / *_path / *_file resolve against the project
-    root like every path in a case. Raises CaseError naming `model.checkpoint` on mismatching keys.
+    under "state_dict"/"model". Arguments named *_dir / *_path / *_file / root / dataroot resolve
+    against the project root like every path in a case. Raises CaseError naming `model.checkpoint` on mismatching keys.
     """
     spec = case.spec.model
     torch.manual_seed(spec.seed)
     args = {k: str(case.resolve_path(v)) if _is_path_arg(k, v) else v for k, v in spec.args.items()}
     try:
         model = resolve(spec.factory)(**args)
+    except HarnessError:
+        raise
     except TypeError as exc:
         raise case.error(f"factory {spec.factory} rejected its arguments: {exc}", "model", "args") from exc
+    except Exception as exc:
+        raise case.error(factory_failure(spec.factory, exc), "model", "factory") from exc
     if not isinstance(model, nn.Module):
         raise case.error(f"factory {spec.factory} returned {type(model).__name__}, not an nn.Module", "model", "factory")
     if case.checkpoint is not None:
@@ -231,10 +250,15 @@ class CaseContext:
             args.update(data.calibration.args)
         elif split == "train":
             args.update(data.train.args)
+        args = {k: str(self.case.resolve_path(v)) if _is_path_arg(k, v) else v for k, v in args.items()}
         try:
             dataset: Dataset = resolve(data.factory)(**args)
+        except HarnessError:
+            raise
         except TypeError as exc:
             raise self.case.error(f"{data.factory} rejected its arguments: {exc}", "data", "args") from exc
+        except Exception as exc:
+            raise self.case.error(factory_failure(data.factory, exc), "data", "factory") from exc
         if len(dataset) == 0:
             raise self.case.error(f"the {split} dataset is empty", "data", "args")
         return dataset
@@ -268,9 +292,17 @@ class CaseContext:
         return None if ckpt is None else file_sha256(ckpt)
 
     @functools.cached_property
+    def fingerprint(self) -> Fingerprint:
+        """What the float model is (`harness.identity`): its parameters and buffers and the code of
+        the project modules that define it (builds the model)."""
+        return fingerprint(self._float_model, [self.case.spec.model.factory.split(":")[0]])
+
+    @functools.cached_property
     def model_key(self) -> str:
-        """Identity of the float model: case config hash plus checkpoint hash."""
-        return content_key(self.case.config_hash(), self.checkpoint_sha256)
+        """Identity of the float model for every cache key: case config hash, checkpoint hash and
+        the model's fingerprint, so edited weights, factory arguments or model code never reuse an
+        export, calibration or float metric."""
+        return content_key(self.case.config_hash(), self.checkpoint_sha256, self.fingerprint.digest())
 
     def stage_is_dynamic(self, stage: str) -> bool:
         """True when dim 0 of the stage's inputs is a free batch dimension."""
@@ -305,6 +337,10 @@ class CaseContext:
         if self.options.update_golden and not self._golden_written:
             self.write_golden()
         meta = self.golden.check_fresh(self.case.config_hash(), self.checkpoint_sha256)
+        changed = self.fingerprint.differences(meta.get("model_fingerprint"))
+        if changed:
+            raise GoldenError(f"golden files in {self.golden.dir} are stale: " + "; ".join(changed)
+                              + f".\nRegenerate with: {self.golden.hint}")
         stages = meta.get("stages", {})
         out = {}
         for name in self.stage_names:
@@ -335,6 +371,7 @@ class CaseContext:
             "created_by": regenerate_command(self.case),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "stages": {n: {"inputs": list(r.inputs), "outputs": list(r.outputs)} for n, r in reference.items()},
+            "model_fingerprint": self.fingerprint.to_dict(),
         }
         model_files = self._write_model_files()
         self.golden.write({"inputs": inputs, "outputs": outputs}, meta, self.adapter.golden_layout())

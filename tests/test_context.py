@@ -16,7 +16,7 @@ from harness.context import (
     build_float_model,
     regenerate_command,
 )
-from harness.errors import GoldenError
+from harness.errors import CaseError, GoldenError
 
 TESTS = Path(__file__).parent
 
@@ -106,3 +106,38 @@ def test_checkpoint_that_does_not_fit_names_the_key(project: Path) -> None:
 def test_stage_feeds_fall_back_to_the_reference_without_golden(project: Path) -> None:
     feeds = make_run(project).stage_feeds()
     assert list(feeds) == ["model"] and feeds["model"]["input"].shape == (2, 3, 16, 16)
+
+
+def test_a_factory_that_raises_is_a_case_error_naming_it(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (project / "boom.py").write_text("def model(**kwargs):\n    raise RuntimeError('no weights here')\n")
+    monkeypatch.syspath_prepend(str(project))
+    path = project / "cases" / "tiny.yaml"
+    path.write_text(path.read_text().replace('"tiny:make"', '"boom:model"'))
+    run = make_run(project)
+    with pytest.raises(CaseError, match=r"key 'model.factory': boom:model raised RuntimeError: no weights here "
+                                        r"\(at .*boom.py:2, in model\)"):
+        run.float_model()
+
+
+def test_editing_model_code_makes_every_backends_golden_stale(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One activation changed in the model's module: no backend may pass on the old golden files
+    or on exports cached for the old code."""
+    (project / "editable.py").write_text((TESTS / "tiny.py").read_text())
+    monkeypatch.syspath_prepend(str(project))
+    path = project / "cases" / "tiny.yaml"
+    path.write_text(path.read_text().replace('"tiny:make"', '"editable:make"'))
+    run = make_run(project, update=True)
+    for backend in ("torch-fp32", "ort-fp32", "ort-int8"):
+        run_check(run, "golden", backend, "model")
+    old_export = make_run(project).float_onnx()["model"]
+    source = (project / "editable.py").read_text()
+    (project / "editable.py").write_text(source.replace("self.relu = nn.ReLU()", "self.relu = nn.GELU()"))
+    import importlib
+
+    import editable
+    importlib.reload(editable)
+    run = make_run(project)
+    for backend in ("torch-fp32", "ort-fp32", "ort-int8"):
+        with pytest.raises(GoldenError, match="stale: the code of editable changed"):
+            run_check(run, "golden", backend, "model")
+    assert run.float_onnx()["model"] != old_export

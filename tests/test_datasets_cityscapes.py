@@ -102,7 +102,7 @@ backends:
 
 def test_a_case_scores_the_loader_with_the_segmentation_task(tmp_path: Path) -> None:
     from harness.cases import load_case
-    from harness.session import CaseRun, RunOptions, build_float_model
+    from harness.context import CaseContext, RunOptions, build_float_model
 
     write_tree(tmp_path / "cityscapes")
     path = tmp_path / "cases" / "cityscapes.yaml"
@@ -110,12 +110,13 @@ def test_a_case_scores_the_loader_with_the_segmentation_task(tmp_path: Path) -> 
     path.write_text(CASE.format(root=tmp_path / "cityscapes"))
     (tmp_path / "pyproject.toml").touch()
     case = load_case(path)
-    run = CaseRun(case, RunOptions.default(tmp_path))
+    run = CaseContext(case, RunOptions.default(tmp_path))
     assert len(run.dataset()) == 3 and len(run.dataset("calibration")) == 1
-    model, metric = build_float_model(case), run.adapter.metric()
+    model, metric = build_float_model(case), run.metric()
     for batch in run.adapter.batches(run.dataset(), 2):
         assert batch.inputs["image"].shape[1:] == (3, 64, 128)
         with torch.no_grad():
-            metric.update({"logits": model(batch.inputs["image"])}, batch)
+            predictions = run.adapter.decode({"logits": model(batch.inputs["image"])}, batch)
+        metric.update(predictions, run.adapter.targets(batch), batch.sample_ids)
     values = metric.compute()
     assert 0.0 <= values.values["pixel_acc"] <= 1.0 and values.primary == "miou"

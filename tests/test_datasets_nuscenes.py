@@ -157,6 +157,7 @@ def test_bad_roots_and_splits_are_named(dataroot: tuple[Path, dict[str, Any]], t
 CASE = """\
 name: nuscenes-fastbev
 task: detection3d
+task_args: {{decoder: harness.zoo.fastbev:AnchorRowDecoder}}
 model:
   factory: harness.zoo.fastbev:fastbev_r18
   args: {{profile: ci}}
@@ -174,13 +175,13 @@ backends:
 def test_a_case_feeds_the_loader_to_the_detection3d_task(dataroot: tuple[Path, dict[str, Any]],
                                                          tmp_path: Path) -> None:
     from harness.cases import load_case
-    from harness.session import CaseRun, RunOptions
+    from harness.context import CaseContext, RunOptions
 
     path = tmp_path / "cases" / "nuscenes.yaml"
     path.parent.mkdir(parents=True)
     path.write_text(CASE.format(root=dataroot[0]))
     (tmp_path / "pyproject.toml").touch()
-    run = CaseRun(load_case(path), RunOptions.default(tmp_path))
+    run = CaseContext(load_case(path), RunOptions.default(tmp_path))
     data = run.dataset()
     assert len(data) == 2 and len(run.dataset("calibration")) == 1
     batches = list(run.adapter.batches(data, 2))

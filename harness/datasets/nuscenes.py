@@ -36,9 +36,9 @@ import numpy.typing as npt
 
 from harness.atomic import write_json_atomic
 from harness.datasets.scene3d import Box3D
-from harness.datasets.scenes import CAMERAS
 from harness.errors import HarnessError
 from harness.metrics.nds import DETECTION_CLASSES
+from harness.tasks.detection3d import CAMERAS
 
 __all__ = ["CAMERAS", "NuScenesCameras", "NuScenesError", "NuScenesSample", "submission"]
 
