@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from tabulate import tabulate
 
 from harness.checks.base import Check, ItemSpec
@@ -15,6 +16,7 @@ from harness.context import ItemFailure
 from harness.fmt import fixed
 from harness.gates import evaluate_gates
 from harness.records import Record
+from harness.tasks.base import Batch
 
 if TYPE_CHECKING:
     from harness.backends.registry import BackendInfo
@@ -44,9 +46,9 @@ class MetricCheck(Check):
         values = ctx.evaluation(backend).metric
         assert values is not None
         # Under --update-golden this run's figures become the new baseline, so the old one is not a gate.
-        baselines = {} if ctx.options.update_golden else ctx.baselines().get(backend, {})
+        baselines = {} if ctx.options.update_golden else stored_baselines(ctx).get(backend, {})
         gate = ctx.case.spec.backends[backend].metric
-        keys = ctx.gated_keys()
+        keys = gated_keys(ctx)
         outcome = evaluate_gates(
             backend=backend, keys=keys, figures={k: cls.figure(k) for k in keys}, values=values.values,
             float_values=float_result["values"], float_min=spec.float_min, gate=gate, baselines=baselines,
@@ -58,9 +60,9 @@ class MetricCheck(Check):
         section["directions"] = {k: cls.figure(k).direction for k in keys}
         record.sections["metric"] = section
         if ctx.options.report_dir is not None:
-            record.artifacts.update(ctx.pictures(backend))
+            record.artifacts.update(pictures(ctx, backend))
         if ctx.options.update_golden:
-            ctx.store_baseline(backend, values.values, float_result["values"])
+            store_baseline(ctx, backend, values.values, float_result["values"])
         if not outcome.passed:
             record.verdict = "failed"
             raise ItemFailure(outcome.failure_text(ctx.case.name), record)
@@ -83,6 +85,55 @@ class MetricCheck(Check):
     def report_section(self, records: Sequence[Record], out_dir: Path) -> list[str]:
         """The per-class table (float and every backend) and the comparison pictures."""
         return _per_class_table(records) + _pictures(records, out_dir)
+
+
+def gated_keys(ctx: CaseContext) -> list[str]:
+    """The metric figures the gates apply to (`metric.keys`, default the metric's primary)."""
+    spec, cls = ctx.case.spec.metric, ctx.metric_class
+    assert spec is not None and cls is not None
+    return list(spec.keys) or [cls.primary]
+
+
+def stored_baselines(ctx: CaseContext) -> dict[str, dict[str, float]]:
+    """Per-backend baseline figures stored in golden meta.json (empty without golden files)."""
+    if not ctx.golden.exists():
+        return {}
+    baselines: dict[str, dict[str, float]] = ctx.golden.meta().get("baselines", {})
+    return baselines
+
+
+def store_baseline(ctx: CaseContext, backend: str, values: Mapping[str, float],
+                   float_values: Mapping[str, float]) -> None:
+    """Record `backend`'s gated figures (and the float ones) as the accepted baseline."""
+    keys = gated_keys(ctx)
+
+    def change(meta: dict[str, Any]) -> None:
+        meta.setdefault("baselines", {})[backend] = {k: values[k] for k in keys}
+        meta["float_metric"] = {k: float_values[k] for k in keys if not math.isnan(float_values[k])}
+
+    if not ctx.golden.exists():
+        ctx.write_golden()
+    ctx.golden.update_meta(change)
+
+
+def _run_outputs(ctx: CaseContext, backend: str, batch: Batch) -> dict[str, torch.Tensor]:
+    program = ctx.program(ctx._float_model)
+    runner = ctx.runner(backend)
+    with torch.inference_mode():
+        return {k: v.detach().cpu() for k, v in program.run(batch.inputs, runner.run_stage).items()}
+
+
+def pictures(ctx: CaseContext, backend: str) -> dict[str, str]:
+    """Comparison pictures (float vs `backend`) of the first two evaluation samples in the report
+    folder; returns record artifacts `picture:<file>` -> path."""
+    assert ctx.options.report_dir is not None
+    batch = next(iter(ctx.adapter.batches(ctx.dataset(), 2)))
+    outputs = {"float": _run_outputs(ctx, ctx.float_reference, batch)}
+    if backend != ctx.float_reference:
+        outputs[backend] = _run_outputs(ctx, backend, batch)
+    out_dir = ctx.options.report_dir / "pictures" / ctx.case.name
+    paths = ctx.adapter.pictures(batch, outputs, out_dir, backend)
+    return {f"picture:{p.name}": str(p) for p in paths}
 
 
 def _per_class_table(records: Sequence[Record]) -> list[str]:
