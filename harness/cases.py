@@ -20,7 +20,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from harness.backends.registry import known_backends
+from harness.backends.registry import QUANT_REFERENCE, backend_with_role, known_backends
+from harness.compare import Tolerance
 from harness.errors import CaseError
 from harness.factory import FactoryError, resolve
 
@@ -105,6 +106,10 @@ class ToleranceSpec(_Strict):
         """True when at least one bound (atol, rtol, cosine_min, snr_min_db) is set."""
         return any(v is not None for v in (self.atol, self.rtol, self.cosine_min, self.snr_min_db))
 
+    def to_tolerance(self) -> Tolerance:
+        """The comparison library's Tolerance with these bounds."""
+        return Tolerance(self.atol, self.rtol, self.max_mismatch, self.cosine_min, self.snr_min_db)
+
 
 class CompareSpec(ToleranceSpec):
     """Tolerance for every output, with per-output overrides under `outputs`; `compare: none`
@@ -124,6 +129,10 @@ class CompareSpec(ToleranceSpec):
             raise ValueError("'compare: none' cannot be combined with tolerances")
         return self
 
+    def tolerance(self, output: str) -> Tolerance:
+        """The Tolerance of `output`: its override under `outputs`, else the backend-wide bounds."""
+        return self.outputs.get(output, self).to_tolerance()
+
 
 class GateSpec(_Strict):
     """Metric gates of one backend against the float model and its stored baseline."""
@@ -137,7 +146,8 @@ class FidelitySpec(_Strict):
     """Agreement of this backend with another (real int8 kernels vs fake quantization) over the
     evaluation set: cosine of every output and the task's prediction agreement."""
 
-    reference: str = "fakequant-int8"
+    reference: str = Field(default_factory=lambda: backend_with_role(QUANT_REFERENCE),
+                           description="backend to compare with (default: the backend holding the quantization-reference role)")
     cosine_min: float | None = Field(None, ge=-1, le=1, allow_inf_nan=False)
     agreement_min: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
 

@@ -1,4 +1,5 @@
-"""The `qharness` command: compare tensors, print the case JSON Schema, train zoo models."""
+"""The `qharness` command: compare tensors, print the case JSON Schema, train zoo models, convert
+official checkpoints."""
 
 from __future__ import annotations
 
@@ -99,6 +100,17 @@ def _record_training(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from harness.convert.registry import convert_file, get_converter
+
+    conversion = convert_file(args.model, Path(args.source), Path(args.target), args.profile)
+    for note in conversion.notes:
+        print(f"{args.model}: {note}")
+    print(f"{args.model}: wrote {len(conversion.state)} entries to {args.target}, a state dict for "
+          f"{get_converter(args.model).factory} (the case's model.checkpoint)")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="qharness", description=__doc__)
@@ -139,6 +151,17 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("summary", help="summary.json written by `qharness train`")
     r.add_argument("--profile", default="default")
     r.set_defaults(func=_record_training)
+
+    from harness.convert import NAMES, SUMMARIES
+
+    v = sub.add_parser("convert", help="map an official checkpoint onto the zoo model (docs/checkpoints.md)",
+                       epilog="; ".join(f"{name}: {text}" for name, text in SUMMARIES.items()))
+    v.add_argument("model", choices=NAMES, help="which official checkpoint family (see below)")
+    v.add_argument("source", help="official checkpoint (.pth / .pt), read with weights_only=True")
+    v.add_argument("target", help="state dict to write, for the case's model.checkpoint")
+    v.add_argument("--profile", default=None,
+                   help="zoo profile to check against (cuda-fastbev, cuda-bevfusion-r50; default full)")
+    v.set_defaults(func=_convert)
     return p
 
 

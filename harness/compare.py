@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from harness.fmt import general
+
 TOP_WORST = 5
 
 
@@ -244,6 +246,36 @@ def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.clip(np.dot(a64, b64) / (np.linalg.norm(a64) * np.linalg.norm(b64)), -1.0, 1.0))
 
 
+class CosineAccumulator:
+    """Cosine similarity of two tensors seen piece by piece (float64 sums of a.r, a.a, r.r):
+    the streaming form of `cosine_similarity` (1.0 when both are all zeros, 0.0 when one is)."""
+
+    def __init__(self) -> None:
+        self.dot = self.aa = self.rr = 0.0
+
+    def add(self, actual: np.ndarray, reference: np.ndarray) -> None:
+        """Accumulate one more piece of both tensors (same number of elements)."""
+        pair = np.empty((2, np.size(actual)), dtype=np.float64)
+        pair[0] = np.asarray(actual).reshape(-1)
+        pair[1] = np.asarray(reference).reshape(-1)
+        gram = pair @ pair.T  # one float64 BLAS call for a.a, a.r and r.r
+        self.aa += float(gram[0, 0])
+        self.dot += float(gram[0, 1])
+        self.rr += float(gram[1, 1])
+
+    @property
+    def value(self) -> float:
+        """The cosine of everything accumulated."""
+        if self.aa > 0 and self.rr > 0:
+            return float(np.clip(self.dot / math.sqrt(self.aa * self.rr), -1.0, 1.0))
+        return float(self.aa == self.rr)
+
+
+def at_least(name: str, measured: float, bound: float) -> Check:
+    """The check "`name` measured >= bound" (NaN fails), as compare's own checks are written."""
+    return Check(name, measured, bound, not math.isnan(measured) and measured >= bound, ">=")
+
+
 def snr_db(actual: np.ndarray, reference: np.ndarray) -> float:
     """Signal-to-noise ratio 10*log10(sum(ref^2) / sum((actual-ref)^2)); inf when equal."""
     r = np.asarray(reference, dtype=np.float64).reshape(-1)
@@ -369,14 +401,7 @@ def nvidia_report(result: CompareResult, actual_path: str, reference_path: str, 
     return "\n".join(lines)
 
 
-def _fmt(x: float) -> str:
-    if math.isinf(x) or math.isnan(x):
-        return str(x)
-    if x == 0:
-        return "0"
-    if 1e-3 <= abs(x) < 1e5:
-        return f"{x:.6g}"
-    return f"{x:.3e}"
+_fmt = general
 
 
 def _json_float(x: float | None) -> float | str | None:

@@ -1,10 +1,11 @@
 """Metric gates: the float floor, ratio / drop bounds against float, and stored baselines.
 
-All gated figures are "higher is better" (mIoU, NDS, mAP). For each gated key:
-  float_min          the float model itself must reach the bound
-  min_ratio          backend >= min_ratio * float
-  max_drop           float - backend <= max_drop
-  baseline           backend >= baseline - tolerance (the last accepted run, from meta.json)
+Every gated figure has a direction (`harness.metrics.base.Figure`): NDS and mIoU are better
+higher, mATE lower. For each gated key, with "worse" read in the figure's direction:
+  float_min          the float model itself must reach the bound (>= it; <= it for lower-better)
+  min_ratio          higher: backend >= min_ratio * float; lower: backend <= float / min_ratio
+  max_drop           the backend is at most max_drop worse than float
+  baseline           the backend is at most `tolerance` worse than the last accepted run (meta.json)
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 from tabulate import tabulate
 
 from harness.cases import GateSpec
+from harness.fmt import fixed
+from harness.metrics.base import Figure
 
 
 @dataclass(frozen=True)
@@ -28,12 +31,12 @@ class GateCheck:
     measured: float
     bound: float
     passed: bool
+    relation: str = ">="
 
     def describe(self) -> str:
-        """e.g. "miou ratio 0.981 >= 0.99 FAILED by 0.009"."""
+        """e.g. "miou min_ratio 0.981 >= 0.99 FAILED by 0.009"."""
         verdict = "ok" if self.passed else f"FAILED by {abs(self.measured - self.bound):.4g}"
-        relation = "<=" if self.gate == "max_drop" else ">="
-        return f"{self.key} {self.gate} {self.measured:.4f} {relation} {self.bound:.4f} {verdict}"
+        return f"{self.key} {self.gate} {self.measured:.4f} {self.relation} {self.bound:.4f} {verdict}"
 
 
 @dataclass(frozen=True)
@@ -80,18 +83,14 @@ class GateOutcome:
         rows = []
         for c in self.checks:
             rows.append([
-                c.key, c.gate, _f(self.float_values.get(c.key)), _f(self.values.get(c.key)),
-                _f(self.ratio(c.key)), f"{'<=' if c.gate == 'max_drop' else '>='} {_f(c.bound)}",
-                _f(c.measured), _f(self.baselines.get(c.key)),
+                c.key, c.gate, fixed(self.float_values.get(c.key)), fixed(self.values.get(c.key)),
+                fixed(self.ratio(c.key)), f"{c.relation} {fixed(c.bound)}",
+                fixed(c.measured), fixed(self.baselines.get(c.key)),
                 "ok" if c.passed else f"FAILED by {abs(c.measured - c.bound):.4g}",
             ])
         headers = ["figure", "gate", "float", self.backend, "ratio", "bound", "measured", "baseline", "verdict"]
         failed = sum(not c.passed for c in self.checks)
         return f"{case}[{self.backend}]: {failed} metric gate(s) failed\n" + tabulate(rows, headers=headers, disable_numparse=True)
-
-
-def _f(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4f}"
 
 
 def evaluate_gates(
@@ -104,8 +103,10 @@ def evaluate_gates(
     gate: GateSpec | None,
     baselines: Mapping[str, float],
     baseline_tolerance: float,
+    figures: Mapping[str, Figure] | None = None,
 ) -> GateOutcome:
-    """Apply every configured bound to every gated key and collect the checks.
+    """Apply every configured bound to every gated key, in each figure's direction (`figures`;
+    a key without one is higher-is-better).
 
     A gated key missing from the metric's values is a KeyError naming it.
     """
@@ -113,17 +114,21 @@ def evaluate_gates(
     for i, key in enumerate(keys):
         if key not in values:
             raise KeyError(f"metric has no figure '{key}'; it has: {', '.join(sorted(values))}")
+        fig = (figures or {}).get(key) or Figure(key)
         v, f = float(values[key]), float(float_values.get(key, math.nan))
         floor = float_min.get(key) if isinstance(float_min, Mapping) else (float_min if i == 0 else None)
         if floor is not None:
-            checks.append(GateCheck(key, "float_min", f, floor, f >= floor))
+            checks.append(GateCheck(key, "float_min", f, floor, fig.at_least_as_good(f, floor), fig.relation))
         if gate is not None and gate.min_ratio is not None:
-            bound = gate.min_ratio * f
-            checks.append(GateCheck(key, "min_ratio", v, bound, v >= bound))
+            bound = gate.min_ratio * f if fig.direction == "higher" else f / gate.min_ratio
+            checks.append(GateCheck(key, "min_ratio", v, bound, fig.at_least_as_good(v, bound), fig.relation))
         if gate is not None and gate.max_drop is not None:
-            checks.append(GateCheck(key, "max_drop", f - v, gate.max_drop, f - v <= gate.max_drop))
+            worse = fig.worse_by(f, v)
+            checks.append(GateCheck(key, "max_drop", worse, gate.max_drop,
+                                    not math.isnan(worse) and worse <= gate.max_drop, "<="))
         if key in baselines:
-            bound = baselines[key] - baseline_tolerance
-            checks.append(GateCheck(key, "baseline", v, bound, v >= bound))
+            base = float(baselines[key])
+            bound = base - baseline_tolerance if fig.direction == "higher" else base + baseline_tolerance
+            checks.append(GateCheck(key, "baseline", v, bound, fig.at_least_as_good(v, bound), fig.relation))
     return GateOutcome(backend, tuple(keys), {k: float(x) for k, x in values.items()},
                        {k: float(x) for k, x in float_values.items()}, dict(baselines), tuple(checks))

@@ -1,14 +1,16 @@
 """pytest hooks: options, collection of case YAML files, items, failure text, summary, reports.
 
-Items are `<case file>::<case>[<backend>]::<kind>` with kinds `golden` (one per stage:
-`golden[<stage>]` for multi-stage cases), `rules` (under fakequant-int8 when the case's quant
-section names rules: the exported Q/DQ graph obeys them), `metric`, `fidelity` and `benchmark`.
-The real work is done by `harness.session.CaseRun`; this module only adapts it to pytest.
+Items are `<case file>::<case>[<backend>]::<kind>`; the kinds and which items each contributes
+come from the check modules in `harness.checks.CHECKS` (golden per stage, rules, metric,
+fidelity, benchmark per stage). The work is done by the checks on a lazy
+`harness.context.CaseContext`; this module only adapts them to pytest. Collecting a case
+validates it and builds nothing (no model, no data).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from collections.abc import Generator, Iterator
@@ -18,12 +20,14 @@ from typing import Any
 import pytest
 import torch
 
-from harness.backends.registry import known_backends
+from harness import checks
+from harness.backends.registry import backend_info, known_backends
 from harness.cases import DEFAULT_PROFILE, Case, load_case
+from harness.checks.base import Check, ItemSpec
+from harness.context import CaseContext, ItemFailure, RunOptions
 from harness.environment import gpu_count
 from harness.errors import BackendUnavailable, CaseError, HarnessError
 from harness.records import Record
-from harness.session import CaseRun, ItemFailure, RunOptions
 
 _STATE = pytest.StashKey["HarnessState"]()
 _RECORD_KEY = "qharness_record"
@@ -77,13 +81,13 @@ class HarnessState:
             update_golden=bool(config.getoption("--update-golden")),
             report_dir=Path(report_dir) if report_dir else None,
         )
-        self.runs: dict[Path, CaseRun] = {}
+        self.runs: dict[Path, CaseContext] = {}
         self.records: list[Record] = []
 
-    def run_for(self, case: Case) -> CaseRun:
-        """The CaseRun of a case (one per case file per pytest run)."""
+    def run_for(self, case: Case) -> CaseContext:
+        """The CaseContext of a case (one per case file per pytest run)."""
         if case.path not in self.runs:
-            self.runs[case.path] = CaseRun(case, self.options)
+            self.runs[case.path] = CaseContext(case, self.options)
         return self.runs[case.path]
 
 
@@ -120,7 +124,7 @@ def _device(choice: str) -> torch.device:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Validate options, create the run state and register item-kind markers."""
-    for marker in ("qharness", "golden", "rules", "metric", "fidelity", "benchmark"):
+    for marker in ("qharness", *(check.kind for check in checks.CHECKS)):
         config.addinivalue_line("markers", f"{marker}: qharness {marker} items")
     pin_worker_gpu(config)
     state = HarnessState(config)
@@ -151,6 +155,7 @@ class CaseFile(pytest.File):
         state = self.config.stash[_STATE]
         case = load_case(self.path, root=self.config.rootpath, profile=state.profile)
         run = state.run_for(case)
+        run.validate()
         for backend in known_backends():
             if backend not in case.spec.backends or (state.backends and backend not in state.backends):
                 continue
@@ -169,48 +174,44 @@ class CaseFile(pytest.File):
 class BackendNode(pytest.Collector):
     """One case on one backend; its items share the prepared runner, released at teardown."""
 
-    def __init__(self, *, case: Case, backend: str, run: CaseRun, **kwargs: Any):
+    def __init__(self, *, case: Case, backend: str, run: CaseContext, **kwargs: Any):
         super().__init__(**kwargs)
         self.case = case
         self.backend = backend
         self.run = run
 
     def collect(self) -> Iterator[pytest.Item]:
-        """golden (per stage), rules (fakequant-int8 of a case with quant rules), metric (if the
-        case has one), fidelity (if the backend has a fidelity section), benchmark (per stage)."""
-        stages = self.run.stage_names if self.case.spec.stages else ("model",)
-        for stage in stages:
-            name = "golden" if stages == ("model",) else f"golden[{stage}]"
-            yield CaseItem.from_parent(self, name=name, kind="golden", stage=stage)
-        if self.backend == "fakequant-int8" and self.case.spec.quant.rules:
-            yield CaseItem.from_parent(self, name="rules", kind="rules", stage=None)
-        if self.case.spec.metric is not None:
-            yield CaseItem.from_parent(self, name="metric", kind="metric", stage=None)
-        if self.case.spec.backends[self.backend].fidelity is not None:
-            yield CaseItem.from_parent(self, name="fidelity", kind="fidelity", stage=None)
-        for stage in stages:
-            name = "benchmark" if stages == ("model",) else f"benchmark[{stage}]"
-            yield self._benchmark_item(name, stage)
+        """The items every check contributes for this case and backend, in `CHECKS` order."""
+        info = backend_info(self.backend)
+        for check in checks.CHECKS:
+            for spec in check.items(self.case, info, self.run.stage_names):
+                if check.fixtures:
+                    yield self._function_item(check, spec)
+                else:
+                    yield CaseItem.from_parent(self, name=spec.name, check=check, spec=spec)
 
-    def _benchmark_item(self, name: str, stage: str) -> BenchmarkItem:
-        """A Function item so that pytest-benchmark's `benchmark` fixture (and its options) apply."""
+    def _function_item(self, check: Check, spec: ItemSpec) -> FixtureItem:
+        """A Function item, so that the fixtures the check needs (pytest-benchmark's `benchmark`
+        and its options) are provided by pytest."""
         run, backend = self.run, self.backend
 
-        def benchmark_stage(benchmark: Any) -> None:
+        def check_item(**fixtures: Any) -> None:
             item.qharness_record = Record(case=run.case.name, profile=run.case.profile, backend=backend,
-                                          item="benchmark", stage=stage)
-            reason = run.unavailable_reason(backend) or _xdist_benchmark_reason(item.config)
+                                          item=check.kind, stage=spec.stage)
+            reason = run.unavailable_reason(backend)
+            if reason is None and "benchmark" in check.fixtures:
+                reason = _xdist_benchmark_reason(item.config)
             if reason:
                 item.qharness_record.verdict = "skipped"
                 item.qharness_record.reason = reason
                 raise pytest.skip.Exception(reason, _use_item_location=True)
-            from harness.bench import benchmark_stage as measure
+            item.qharness_record = check.run(run, backend, spec, fixtures)
 
-            item.qharness_record = measure(run, backend, stage, benchmark)
-
-        item: BenchmarkItem = BenchmarkItem.from_parent(self, name=name, callobj=benchmark_stage)
+        check_item.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter(f, inspect.Parameter.KEYWORD_ONLY) for f in check.fixtures])
+        item: FixtureItem = FixtureItem.from_parent(self, name=spec.name, callobj=check_item)
         item.add_marker(pytest.mark.qharness)
-        item.add_marker(pytest.mark.benchmark)
+        item.add_marker(getattr(pytest.mark, check.kind))
         return item
 
     def teardown(self) -> None:
@@ -218,44 +219,38 @@ class BackendNode(pytest.Collector):
         self.run.release(self.backend)
 
 
-class BenchmarkItem(pytest.Function):
-    """A benchmark of one stage: a Function item so the `benchmark` fixture is available."""
+class FixtureItem(pytest.Function):
+    """An item of a check that needs pytest fixtures (e.g. a benchmark of one stage)."""
 
     qharness_record: Record | None = None
 
 
 class CaseItem(pytest.Item):
-    """A golden, rules, metric or fidelity check of one case on one backend."""
+    """An item of a check that needs no fixtures (golden, rules, metric, fidelity, ...)."""
 
-    def __init__(self, *, kind: str, stage: str | None, **kwargs: Any):
+    def __init__(self, *, check: Check, spec: ItemSpec, **kwargs: Any):
         super().__init__(**kwargs)
-        self.kind = kind
-        self.stage = stage
+        self.check = check
+        self.spec = spec
+        self.kind = check.kind
+        self.stage = spec.stage
         parent = self.parent
         assert isinstance(parent, BackendNode)
         self.node: BackendNode = parent
         self.qharness_record: Record | None = None
         self.add_marker(pytest.mark.qharness)
-        self.add_marker(getattr(pytest.mark, kind))
+        self.add_marker(getattr(pytest.mark, check.kind))
 
     def runtest(self) -> None:
         """Skip when the backend cannot run here; otherwise run the check."""
         run, backend = self.node.run, self.node.backend
         self.qharness_record = Record(case=run.case.name, profile=run.case.profile, backend=backend,
-                             item=self.kind, stage=self.stage, nodeid=self.nodeid)
+                                      item=self.kind, stage=self.stage, nodeid=self.nodeid)
         reason = run.unavailable_reason(backend)
         if reason:
             self._skip(reason)
         try:
-            if self.kind == "golden":
-                assert self.stage is not None
-                self.qharness_record = run.check_golden(backend, self.stage)
-            elif self.kind == "metric":
-                self.qharness_record = run.check_metric(backend)
-            elif self.kind == "fidelity":
-                self.qharness_record = run.check_fidelity(backend)
-            elif self.kind == "rules":
-                self.qharness_record = run.check_rules(backend)
+            self.qharness_record = self.check.run(run, backend, self.spec, {})
         except BackendUnavailable as exc:
             self._skip(str(exc))
         except ItemFailure as exc:

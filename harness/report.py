@@ -18,15 +18,10 @@ from typing import Any
 
 from tabulate import tabulate
 
+from harness import checks
 from harness.atomic import write_json_atomic, write_text_atomic
 from harness.environment import cpu_flags, cpu_name, library_versions
 from harness.records import SCHEMA_VERSION, Record
-
-HEADERS = ["case", "backend", "status", "golden cos / max|err|", "metric", "ratio", "gate", "median ms", "speedup"]
-
-
-def _row_key(record: Record) -> tuple[str, str]:
-    return record.case, record.backend
 
 
 def _status(records: Sequence[Record]) -> str:
@@ -39,73 +34,34 @@ def _status(records: Sequence[Record]) -> str:
     return "passed"
 
 
-def _golden_cell(records: Sequence[Record]) -> str:
-    cosines, errors = [], []
-    for r in records:
-        for stats in r.compare.values():
-            s = stats.get("stats", {})
-            cos, err = s.get("cosine"), s.get("max_abs")
-            if isinstance(cos, (int, float)):
-                cosines.append(float(cos))
-            if isinstance(err, (int, float)):
-                errors.append(float(err))
-    if not cosines:
-        return "-"
-    return f"{min(cosines):.6f} / {max(errors):.3g}"
-
-
-def _metric(records: Sequence[Record]) -> dict[str, Any] | None:
-    return next((r.metric for r in records if r.metric), None)
-
-
-def _median_ms(records: Sequence[Record]) -> float | None:
-    medians = [float(r.timing["median_ms"]) for r in records if r.timing and "median_ms" in r.timing]
-    return sum(medians) if medians else None
+def headers() -> list[str]:
+    """Summary-table columns: case, backend, status, then each check's columns in CHECKS order."""
+    return ["case", "backend", "status", *(c for check in checks.CHECKS for c in check.summary_columns)]
 
 
 def summary_rows(records: Iterable[Record]) -> list[list[str]]:
-    """One row per case x backend, in first-seen order."""
+    """One row per case x backend, in first-seen order; the checks fill their columns."""
     grouped: dict[tuple[str, str], list[Record]] = defaultdict(list)
+    by_case: dict[str, list[Record]] = defaultdict(list)
     for r in records:
-        grouped[_row_key(r)].append(r)
-    baseline_ms = {case: _median_ms(rs) for (case, backend), rs in grouped.items() if backend == "torch-fp32"}
+        grouped[(r.case, r.backend)].append(r)
+        by_case[r.case].append(r)
     rows = []
     for (case, backend), rs in grouped.items():
-        metric = _metric(rs)
-        median = _median_ms(rs)
-        base = baseline_ms.get(case)
-        rows.append([
-            case,
-            backend,
-            _status(rs),
-            _golden_cell([r for r in rs if r.item == "golden"]),
-            f"{metric['key']}={metric['value']:.4f}" if metric else "-",
-            f"{metric['ratio']:.4f}" if metric and _finite(metric.get("ratio")) else "-",
-            _gate_cell(rs),
-            f"{median:.3f}" if median is not None else "-",
-            f"{base / median:.2f}x" if median and base else "-",
-        ])
+        cells: dict[str, str] = {}
+        for check in checks.CHECKS:
+            cells.update(check.summary_cells(rs, by_case[case]))
+        rows.append([case, backend, _status(rs), *(cells.get(c, "-") for c in headers()[3:])])
     return rows
-
-
-def _gate_cell(records: Sequence[Record]) -> str:
-    metric = [r for r in records if r.item == "metric"]
-    if not metric:
-        return "-"
-    return "FAILED" if any(r.verdict == "failed" for r in metric) else metric[0].verdict
-
-
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def summary_table(records: Iterable[Record], tablefmt: str = "simple") -> str:
     """The end-of-run table: one row per case x backend."""
-    rows, headers = summary_rows(records), HEADERS
+    rows, names = summary_rows(records), headers()
     if tablefmt == "github":  # a bare "|" inside a cell would split it into two columns
         rows = [[cell.replace("|", "\\|") for cell in row] for row in rows]
-        headers = [h.replace("|", "\\|") for h in headers]
-    return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+        names = [h.replace("|", "\\|") for h in names]
+    return tabulate(rows, headers=names, tablefmt=tablefmt, disable_numparse=True)
 
 
 def environment() -> dict[str, Any]:
@@ -132,7 +88,7 @@ def write_reports(records: Sequence[Record], out_dir: Path) -> list[Path]:
 def latency_chart(records: Sequence[Record], path: Path) -> Path | None:
     """A bar chart of median latency per backend (whiskers to p90 and p99), one panel per case
     and stage; None when no record has timings."""
-    timed = [r for r in records if r.timing and "median_ms" in r.timing]
+    timed = [r for r in records if r.section("timing") and "median_ms" in r.section("timing")]
     if not timed:
         return None
     import matplotlib
@@ -147,10 +103,10 @@ def latency_chart(records: Sequence[Record], path: Path) -> Path | None:
                              squeeze=False)
     for ax, (title, rs) in zip(axes[:, 0], panels.items(), strict=True):
         names = [r.backend for r in rs]
-        assert all(r.timing for r in rs)
-        medians = [float(r.timing["median_ms"]) for r in rs if r.timing]
-        p90 = [float(r.timing.get("p90_ms", m)) for r, m in zip(rs, medians, strict=True) if r.timing is not None]
-        p99 = [float(r.timing.get("p99_ms", m)) for r, m in zip(rs, medians, strict=True) if r.timing is not None]
+        timings = [r.section("timing") for r in rs]
+        medians = [float(t["median_ms"]) for t in timings]
+        p90 = [float(t.get("p90_ms", m)) for t, m in zip(timings, medians, strict=True)]
+        p99 = [float(t.get("p99_ms", m)) for t, m in zip(timings, medians, strict=True)]
         ys = range(len(rs))
         ax.barh(ys, medians, color="#4C72B0")
         ax.errorbar(p90, ys, fmt="|", color="black", label="p90")
@@ -181,7 +137,8 @@ def _json_safe(value: Any) -> Any:
 
 
 def markdown(records: Sequence[Record], out_dir: Path, chart: Path | None = None) -> str:
-    """report.md: summary, latency chart, per-case metric tables, pictures, failures."""
+    """report.md: summary, latency chart, then per case the backends' info and each check's
+    section (rules, per-class tables, pictures, fidelity, ...) and the failures."""
     env = environment()
     parts = [
         "# qharness report",
@@ -199,10 +156,8 @@ def markdown(records: Sequence[Record], out_dir: Path, chart: Path | None = None
     for case, rs in by_case.items():
         parts += ["", f"## {case}"]
         parts += _info_table(rs)
-        parts += _fidelity_table(rs)
-        parts += _rules_section(rs)
-        parts += _per_class_table(rs)
-        parts += _pictures(rs, out_dir)
+        for check in checks.CHECKS:
+            parts += check.report_section(rs, out_dir)
         failures = [r for r in rs if r.verdict == "failed"]
         if failures:
             parts += ["", "### Failures"]
@@ -223,68 +178,3 @@ def _info_table(records: Sequence[Record]) -> list[str]:
                          tablefmt="github")]
 
 
-def _fidelity_table(records: Sequence[Record]) -> list[str]:
-    rows = []
-    for r in records:
-        if r.item != "fidelity" or not r.fidelity:
-            continue
-        ref = r.fidelity.get("reference", "-")
-        for stage, outputs in (r.fidelity.get("stages") or {"end to end": r.fidelity.get("cosine", {})}).items():
-            rows += [[r.backend, ref, stage, name, _cosine_cell(c)] for name, c in outputs.items()]
-        if r.fidelity.get("stages"):
-            rows += [[r.backend, ref, "end to end", name, _cosine_cell(c)] for name, c in r.fidelity.get("cosine", {}).items()]
-    if not rows:
-        return []
-    return ["", "### Fidelity", "", tabulate(rows, headers=["backend", "reference", "stage", "output", "cosine"],
-                                             tablefmt="github", disable_numparse=True)]
-
-
-def _cosine_cell(x: Any) -> str:
-    return f"{x:.6f}" if isinstance(x, (int, float)) else str(x)
-
-
-def _rules_section(records: Sequence[Record]) -> list[str]:
-    from harness.export.inspect import RuleReport
-
-    out = []
-    for r in records:
-        if r.item == "rules" and r.rules:
-            out += ["", f"### Quantization rules ({r.backend}, {r.verdict})", "", *RuleReport.from_dict(r.rules).markdown()]
-    return out
-
-
-def _per_class_table(records: Sequence[Record]) -> list[str]:
-    metric_records = [r for r in records if r.metric and isinstance(r.metric.get("details"), dict)]
-    if not metric_records:
-        return []
-    first = metric_records[0].metric
-    assert first is not None
-    float_classes = (first.get("float_details") or {}).get("per_class")
-    if not isinstance(float_classes, dict):
-        return []
-    backends = [(r.backend, r.metric["details"].get("per_class", {})) for r in metric_records if r.metric]
-    # The float figures come from a JSON cache with sorted keys; a backend's keep the metric's order.
-    order = next((list(per) for _, per in backends if per), list(float_classes))
-    rows = [[cls, _cell(float_classes.get(cls)), *[_cell(per.get(cls)) for _, per in backends]] for cls in order]
-    title = first["details"].get("per_class_title", "per class")
-    return ["", f"### {title}", "", tabulate(rows, headers=["class", "float", *[b for b, _ in backends]],
-                                            tablefmt="github", disable_numparse=True)]
-
-
-def _pictures(records: Sequence[Record], out_dir: Path) -> list[str]:
-    out = []
-    for r in records:
-        for name, path in r.artifacts.items():
-            if name.startswith("picture:"):
-                try:
-                    rel = Path(path).resolve().relative_to(out_dir.resolve())
-                except ValueError:
-                    rel = Path(path)
-                out.append(f"![{r.backend} {name[8:]}]({rel.as_posix()})")
-    return ["", "### Pictures", "", *out] if out else []
-
-
-def _cell(x: Any) -> str:
-    if isinstance(x, (int, float)):
-        return "nan" if math.isnan(x) else f"{x:.4f}"
-    return "-" if x is None else str(x)

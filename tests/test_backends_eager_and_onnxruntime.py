@@ -13,9 +13,9 @@ import torch
 from harness.backends.onnxruntime import providers_for
 from harness.backends.torch_eager import EagerRunner, TorchFP16
 from harness.cases import load_case
+from harness.context import CaseContext, RunOptions
 from harness.export.qdq import int8_report, optimize_with_onnxruntime
 from harness.program import Program
-from harness.session import CaseRun, RunOptions
 
 TESTS = Path(__file__).parent
 
@@ -39,7 +39,7 @@ def test_cpu_provider_without_cuda() -> None:
 
 
 @pytest.fixture
-def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CaseRun:
+def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CaseContext:
     from tiny import CASE
 
     monkeypatch.syspath_prepend(str(TESTS))
@@ -47,10 +47,10 @@ def run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CaseRun:
     (tmp_path / "cases").mkdir()
     (tmp_path / "cases/tiny.yaml").write_text(CASE)
     case = load_case(tmp_path / "cases/tiny.yaml")
-    return CaseRun(case, RunOptions(device=torch.device("cpu"), cache_dir=tmp_path / ".cache"))
+    return CaseContext(case, RunOptions(device=torch.device("cpu"), cache_dir=tmp_path / ".cache"))
 
 
-def test_ort_fp32_matches_torch_and_reuses_its_export(run: CaseRun) -> None:
+def test_ort_fp32_matches_torch_and_reuses_its_export(run: CaseContext) -> None:
     feeds = run.stage_feeds()["model"]
     expected = run.runner("torch-fp32").run_stage("model", feeds)["output"]
     actual = run.runner("ort-fp32").run_stage("model", feeds)["output"]
@@ -61,7 +61,7 @@ def test_ort_fp32_matches_torch_and_reuses_its_export(run: CaseRun) -> None:
     assert Path(run.runner("ort-fp32").artifacts["onnx:model"]).stat().st_mtime_ns == mtime
 
 
-def test_ort_int8_runs_integer_kernels_for_every_quantized_conv(run: CaseRun, tmp_path: Path) -> None:
+def test_ort_int8_runs_integer_kernels_for_every_quantized_conv(run: CaseContext, tmp_path: Path) -> None:
     path = Path(run.runner("ort-int8").artifacts["onnx:model"])
     optimized = optimize_with_onnxruntime(path, tmp_path / "optimized.onnx")
     report = int8_report(optimized)
@@ -70,7 +70,7 @@ def test_ort_int8_runs_integer_kernels_for_every_quantized_conv(run: CaseRun, tm
     assert ops["QLinearConv"] + ops["ConvInteger"] == 3, ops
 
 
-def test_fakequant_and_ort_int8_agree(run: CaseRun) -> None:
+def test_fakequant_and_ort_int8_agree(run: CaseContext) -> None:
     feeds = run.stage_feeds()["model"]
     fq = run.runner("fakequant-int8").run_stage("model", feeds)["output"].numpy().ravel()
     ort = run.runner("ort-int8").run_stage("model", feeds)["output"].numpy().ravel()

@@ -14,12 +14,13 @@ import torch
 
 from harness.backends import scn_ref
 from harness.cases import load_case
+from harness.checks import run_check
+from harness.context import CaseContext, RunOptions
 from harness.errors import CaseError, ExportError
 from harness.export import custom, scn_schema
 from harness.export.custom import ScnExport, attribute
 from harness.export.scn_executor import ScnExecutor
 from harness.quant.tensor_quantizer import TensorQuantizer
-from harness.session import CaseRun, RunOptions
 
 pytest_plugins = ["pytester"]
 
@@ -71,15 +72,15 @@ def shifted(**kwargs):
 '''
 
 
-def make_run(root: Path, factory: str = ZOO, cache: Path | None = None) -> CaseRun:
-    """A CaseRun of the tiny SCN case under `root` (golden files written on first use)."""
+def make_run(root: Path, factory: str = ZOO, cache: Path | None = None) -> CaseContext:
+    """A CaseContext of the tiny SCN case under `root` (golden files written on first use)."""
     (root / "pyproject.toml").touch()
     (root / "cases").mkdir(exist_ok=True)
     path = root / "cases" / "scn_tiny.yaml"
     path.write_text(CASE.format(factory=factory))
     case = load_case(path, root=root)
     update = not (root / "golden/scn-tiny/meta.json").exists()
-    return CaseRun(case, RunOptions(torch.device("cpu"), cache or root / ".cache", update_golden=update))
+    return CaseContext(case, RunOptions(torch.device("cpu"), cache or root / ".cache", update_golden=update))
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def run(root: Path) -> Iterator[CaseRun]:
+def run(root: Path) -> Iterator[CaseContext]:
     run = make_run(root)
     run.golden_record()
     yield run
@@ -96,7 +97,7 @@ def run(root: Path) -> Iterator[CaseRun]:
         run.release(backend)
 
 
-def _feeds(run: CaseRun) -> dict[str, torch.Tensor]:
+def _feeds(run: CaseContext) -> dict[str, torch.Tensor]:
     return {n: torch.from_numpy(a) for n, a in run.golden_record()["model"].inputs.items()}
 
 
@@ -105,7 +106,7 @@ def _stats(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return float((x - y).abs().max()), float(x @ y / (x.norm() * y.norm()))
 
 
-def test_scn_ref_exports_validates_and_runs_in_fp16(run: CaseRun) -> None:
+def test_scn_ref_exports_validates_and_runs_in_fp16(run: CaseContext) -> None:
     runner = run.runner("scn-ref")
     assert runner.info["provider"].startswith("qharness SCN reference executor (spconv 2.3.8")
     assert runner.info["precision"] == "fp16 storage, fp32 accumulation"
@@ -122,11 +123,11 @@ def test_scn_ref_exports_validates_and_runs_in_fp16(run: CaseRun) -> None:
     # The same file in fp32 is the export's fidelity: the goal is max |err| <= 1e-4.
     err32, cos32 = _stats(ScnExecutor(path)(feeds["features"], feeds["indices"]), torch_out)
     assert err32 <= 1e-4 and cos32 >= 0.99999
-    record = run.check_golden("scn-ref", "model")
-    assert record.artifacts["onnx:model"] == str(path) and record.compare["dense"]["passed"]
+    record = run_check(run, "golden", "scn-ref", "model")
+    assert record.artifacts["onnx:model"] == str(path) and record.sections["compare"]["dense"]["passed"]
 
 
-def test_export_is_cached_and_revalidated(run: CaseRun, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_is_cached_and_revalidated(run: CaseContext, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = Path(run.runner("scn-ref").artifacts["onnx:model"])
 
     def refuse(*args: Any, **kwargs: Any) -> ScnExport:
@@ -165,14 +166,14 @@ def test_schema_violation_fails_the_golden_item_naming_node_and_attribute(
     monkeypatch.setattr(custom, "export_scn", without_output_bound)
     run = make_run(root, cache=tmp_path)
     with pytest.raises(ExportError) as info:
-        run.check_golden("scn-ref", "model")
+        run_check(run, "golden", "scn-ref", "model")
     lines = str(info.value).splitlines()
     assert lines[0] == "scn-tiny: the fp16 SCN export has 3 schema violation(s):"
     assert lines[1] == "  node 'conv2' (SparseConvolution) attribute 'output_bound': missing"
     assert not list(tmp_path.glob("scn-tiny/scn-fp16/*/scn.onnx"))  # nothing invalid is cached
 
 
-def test_int8_shares_the_calibration_of_fakequant(run: CaseRun) -> None:
+def test_int8_shares_the_calibration_of_fakequant(run: CaseContext) -> None:
     feeds = _feeds(run)
     fakequant = run.runner("fakequant-int8").run_stage("model", feeds)["dense"]
     runner = run.runner("scn-ref-int8")
@@ -191,8 +192,8 @@ def test_int8_shares_the_calibration_of_fakequant(run: CaseRun) -> None:
     assert err <= 1e-4 and cos >= 0.99999
     float_out = run.runner("torch-fp32").run_stage("model", feeds)["dense"]
     assert _stats(out, float_out)[1] >= 0.97
-    assert run.check_golden("fakequant-int8", "model").compare["dense"]["stats"]["cosine"] == pytest.approx(
-        run.check_golden("scn-ref-int8", "model").compare["dense"]["stats"]["cosine"], abs=1e-6)
+    assert run_check(run, "golden", "fakequant-int8", "model").sections["compare"]["dense"]["stats"]["cosine"] == pytest.approx(
+        run_check(run, "golden", "scn-ref-int8", "model").sections["compare"]["dense"]["stats"]["cosine"], abs=1e-6)
 
 
 def test_unsupported_layer_names_the_module_path(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -206,7 +207,7 @@ def test_unsupported_layer_names_the_module_path(root: Path, tmp_path: Path, mon
         run.runner("scn-ref")
 
 
-def test_bn_is_fused_before_export_as_nvidia_does(run: CaseRun) -> None:
+def test_bn_is_fused_before_export_as_nvidia_does(run: CaseContext) -> None:
     from harness.zoo.centerpoint import centerpoint_scn
 
     unfused = centerpoint_scn(widths=(8, 16, 16, 32), grid=(41, 180, 180), seed=5, fit_voxels=2000)
@@ -219,7 +220,7 @@ def test_bn_is_fused_before_export_as_nvidia_does(run: CaseRun) -> None:
     assert scn_schema.validate(export.model) == [] and export.num_nodes == 39
 
 
-def test_multi_input_programs_are_refused(run: CaseRun, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_multi_input_programs_are_refused(run: CaseContext, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(run.adapter, "input_names", ("features", "indices", "extra"))
     with pytest.raises(ExportError, match=r"scn-tiny: the SCN backends run one stage with inputs \(features, indices\)"):
         scn_ref.ScnRefFP16().prepare(_context(run))
@@ -229,26 +230,20 @@ def test_quantizer_key_errors_name_the_key(root: Path) -> None:
     run = make_run(root)
     run.case.spec = run.case.spec.model_copy(update={"quant": run.case.spec.quant.model_copy(
         update={"keep_float": ["conv9"]})})
-    with pytest.raises(CaseError, match=r"key 'quant.keep_float': keep_float: no sparse conv or add named \['conv9'\]"):
+    with pytest.raises(CaseError, match=r"key 'quant.keep_float.0': keep_float pattern 'conv9' matches no sparse conv or add"):
         run.quantized_model()
     run = make_run(root)
     run.case.spec = run.case.spec.model_copy(update={"quant": run.case.spec.quant.model_copy(
         update={"rules": ["shared_input"]})})
-    with pytest.raises(CaseError, match=r"key 'quant.rules': rules \['shared_input'\]: the SCN quantizer"):
+    with pytest.raises(CaseError, match=r"key 'quant.rules.0': rule 'shared_input': the SCN quantizer"):
         run.quantized_model()
 
 
-def _context(run: CaseRun) -> Any:
-    from harness.backends.base import PrepareContext
-
-    return PrepareContext(
-        case=run.case, cache=run.cache, device=torch.device("cpu"), program=run.program,
-        float_model=run.float_model, quantized_model=run.quantized_model, stage_feeds=run.stage_feeds,
-        model_key=run.model_key, quant_key=lambda: run.quant_key,
-    )
+def _context(run: CaseContext) -> Any:
+    return run.prepare_context()
 
 
-def test_outputs_are_finite_and_deterministic(run: CaseRun) -> None:
+def test_outputs_are_finite_and_deterministic(run: CaseContext) -> None:
     feeds = _feeds(run)
     runner = run.runner("scn-ref")
     a, b = runner.run_stage("model", feeds)["dense"], runner.run_stage("model", feeds)["dense"]

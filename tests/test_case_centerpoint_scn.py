@@ -17,8 +17,8 @@ import torch
 from harness import tensorfile
 from harness.cases import load_case
 from harness.cli import main
+from harness.context import CaseContext, RunOptions
 from harness.export import scn_golden
-from harness.session import CaseRun, RunOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = ROOT / "cases" / "centerpoint_scn.yaml"
@@ -78,7 +78,7 @@ def parse_report(text: str) -> dict[str, float]:
 @pytest.mark.slow
 def test_compare_cli_matches_nvidia_statistics_on_scn_ref_output(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    run = CaseRun(load_case(CASE), RunOptions(torch.device("cpu"), tmp_path / "cache"))
+    run = CaseContext(load_case(CASE), RunOptions(torch.device("cpu"), tmp_path / "cache"))
     feeds = {n: torch.from_numpy(a) for n, a in run.golden_record()["model"].inputs.items()}
     dense = run.runner("scn-ref").run_stage("model", feeds)["dense"]
     actual = tmp_path / "out_dense.scn-ref.fp16.tensor"
@@ -107,8 +107,8 @@ def test_pytest_runs_the_case_end_to_end(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert re.search(r"\b10 passed, 4 skipped\b", proc.stdout), proc.stdout[-2000:]
-    assert "custom SparseConvolution/ScatterDense ops: ONNX Runtime has no kernels" in proc.stdout
-    assert "3DSparseConvolution plugin / libspconv" in proc.stdout
+    assert "custom SparseConvolution/ScatterDense ops: ort-fp32 has no kernels for them" in proc.stdout
+    assert "custom SparseConvolution/ScatterDense ops: trt-int8 has no kernels for them" in proc.stdout
     records = json.loads((tmp_path / "reports" / "report.json").read_text())["records"]
     verdicts = {(r["backend"], r["item"]): r["verdict"] for r in records}
     for backend in ("torch-fp32", "fakequant-int8", "scn-ref", "scn-ref-int8"):

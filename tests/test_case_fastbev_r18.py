@@ -14,8 +14,8 @@ import pytest
 
 from harness import tensorfile
 from harness.cases import load_case
+from harness.context import regenerate_command
 from harness.golden import GoldenStore
-from harness.session import regenerate_command
 from harness.training.detection3d import train_detection3d
 from harness.zoo.fastbev import TABLE_NAMES
 

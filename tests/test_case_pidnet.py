@@ -15,8 +15,8 @@ import harness.backends.torch_eager
 import harness.export.onnx
 import harness.tasks.segmentation  # noqa: F401  (imported up front: pytester drops modules first imported inside it)
 from harness.cases import load_case
+from harness.context import CaseContext, RunOptions
 from harness.export.qdq import int8_report, optimize_with_onnxruntime
-from harness.session import CaseRun, RunOptions
 
 pytest_plugins = ["pytester"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ CASE = ROOT / "cases" / "pidnet_s.yaml"
 
 @pytest.mark.slow
 def test_every_quantized_conv_runs_as_an_int8_kernel_in_onnxruntime(tmp_path: Path) -> None:
-    run = CaseRun(load_case(CASE, profile="tiny"), RunOptions(device=torch.device("cpu"), cache_dir=tmp_path))
+    run = CaseContext(load_case(CASE, profile="tiny"), RunOptions(device=torch.device("cpu"), cache_dir=tmp_path))
     path = run.runner("ort-int8").artifacts["onnx:model"]
     report = int8_report(optimize_with_onnxruntime(path, tmp_path / "optimized.onnx"))
     # ONNX Runtime turns the standalone BatchNorms of PAPPM into float 1x1 convs, and

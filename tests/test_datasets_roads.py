@@ -15,12 +15,11 @@ from harness.datasets.roads import (
     CLASS_NAMES,
     IGNORE_INDEX,
     LABEL_IDS,
-    PALETTE,
     RoadSample,
     RoadScenes,
-    colorize,
 )
 from harness.errors import HarnessError
+from harness.tasks.segmentation import PALETTE, colorize
 
 # sha256 of image bytes + label bytes. A change here means every generated dataset changed:
 # update only on purpose, together with anything trained or calibrated on the old one.

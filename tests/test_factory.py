@@ -12,8 +12,8 @@ from harness.factory import FactoryError, resolve
 
 
 def test_resolves_functions_classes_and_nested_attributes() -> None:
-    assert resolve("os.path:join") is os.path.join
-    assert resolve("collections:OrderedDict") is __import__("collections").OrderedDict
+    assert resolve("os.path:join", allow_stdlib=True) is os.path.join
+    assert resolve("collections:OrderedDict", allow_stdlib=True) is __import__("collections").OrderedDict
     assert resolve("harness.factory:FactoryError.__init__") is FactoryError.__init__
 
 
@@ -30,14 +30,14 @@ def test_module_that_does_not_import() -> None:
 
 def test_missing_attribute_names_module_and_attribute() -> None:
     with pytest.raises(FactoryError, match=re.escape("module 'os.path' has no attribute 'joinn'")):
-        resolve("os.path:joinn")
+        resolve("os.path:joinn", allow_stdlib=True)
     with pytest.raises(FactoryError, match=re.escape("module 'harness.factory' has no attribute 'FactoryError.nope'")):
         resolve("harness.factory:FactoryError.nope")
 
 
 def test_not_callable() -> None:
     with pytest.raises(FactoryError, match=re.escape("'math:pi' resolves to a float, which is not callable")):
-        resolve("math:pi")
+        resolve("math:pi", allow_stdlib=True)
 
 
 def test_factory_error_is_a_value_error() -> None:
@@ -50,3 +50,9 @@ def test_import_error_inside_the_module_is_reported(tmp_path: Path, monkeypatch:
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(FactoryError, match=re.escape("qh_missing_dependency_xyz")):
         resolve("qh_test_broken_factory:build")
+
+
+@pytest.mark.parametrize("spec", ["os:system", "subprocess:run", "builtins:exec", "os.path:join", "shutil:rmtree"])
+def test_the_standard_library_is_refused(spec: str) -> None:
+    with pytest.raises(FactoryError, match=re.escape(f"'{spec}' names Python's standard library")):
+        resolve(spec)

@@ -11,6 +11,7 @@ import pytest
 
 from harness.cases import GateSpec
 from harness.gates import GateCheck, GateOutcome, evaluate_gates
+from harness.metrics.base import Figure
 
 
 def below(x: float) -> float:
@@ -146,5 +147,29 @@ def test_to_dict() -> None:
     assert (data["value"], data["float_value"], data["ratio"], data["baseline"]) == (0.5, 0.625, 0.8, 0.5)
     assert data["values"] == {"nds": 0.5, "map": 0.4}
     assert [g["gate"] for g in data["gates"]] == ["min_ratio", "baseline", "min_ratio"]
-    assert set(data["gates"][0]) == {"key", "gate", "measured", "bound", "passed"}
+    assert set(data["gates"][0]) == {"key", "gate", "measured", "bound", "passed", "relation"}
     json.dumps(data)
+
+
+LOWER = {"mATE": Figure("mATE", "lower")}
+
+
+def test_lower_is_better_figures_gate_in_their_direction() -> None:
+    # float mATE 0.50, backend 0.55: 10 % worse
+    kw: dict[str, Any] = {"keys": ["mATE"], "values": {"mATE": 0.55}, "float_values": {"mATE": 0.5}, "figures": LOWER}
+    assert not only(gates(gate=GateSpec(min_ratio=0.95), **kw)).passed          # bound 0.5 / 0.95 = 0.526
+    ratio = only(gates(gate=GateSpec(min_ratio=0.9), **kw))                      # bound 0.5556
+    assert ratio.passed and ratio.relation == "<=" and ratio.bound == pytest.approx(0.5 / 0.9)
+    drop = only(gates(gate=GateSpec(max_drop=0.04), **kw))
+    assert drop.measured == pytest.approx(0.05) and not drop.passed
+    assert only(gates(gate=GateSpec(max_drop=0.06), **kw)).passed
+    assert only(gates(float_min=0.5, **kw)).passed and not only(gates(float_min=0.49, **kw)).passed
+    base = only(gates(baselines={"mATE": 0.54}, baseline_tolerance=0.005, **kw))
+    assert base.bound == pytest.approx(0.545) and not base.passed
+    assert only(gates(baselines={"mATE": 0.54}, baseline_tolerance=0.02, **kw)).passed
+
+
+def test_an_improvement_of_a_lower_figure_passes_every_gate() -> None:
+    kw: dict[str, Any] = {"keys": ["mATE"], "values": {"mATE": 0.3}, "float_values": {"mATE": 0.5}, "figures": LOWER}
+    outcome = gates(gate=GateSpec(min_ratio=0.99, max_drop=0.0), baselines={"mATE": 0.31}, float_min=0.6, **kw)
+    assert outcome.passed and len(outcome.checks) == 4

@@ -171,7 +171,7 @@ def test_report_dir_writes_markdown_and_json(project: pytest.Pytester) -> None:
     result = project.runpytest("cases/", "--report-dir", "reports", "--benchmark-disable")
     result.assert_outcomes(passed=4, skipped=4)
     data = json.loads((project.path / "reports/report.json").read_text())
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     records = data["records"]
     assert {(r["backend"], r["verdict"]) for r in records} >= {("torch-fp32", "passed"), ("trt-int8", "skipped")}
     for r in records:
@@ -248,3 +248,34 @@ def test_benchmark_items_time_each_backend_through_pytest_benchmark(project: pyt
     timing = {r["backend"]: r["timing"] for r in records}
     assert timing["ort-fp32"]["rounds"] == 50 and timing["ort-fp32"]["median_ms"] > 0
     result.stdout.fnmatch_lines(["*tiny*torch-fp32*passed*1.00x*"])
+
+
+def test_collecting_never_calls_factories(project: pytest.Pytester) -> None:
+    """A staged case whose model and data factories would fail collects all its items: stage
+    names come from the case file, nothing is built before an item runs."""
+    project.makepyfile(boom='''
+def model(**kwargs):
+    raise RuntimeError("the model factory ran")
+
+
+class Data:
+    def __init__(self, **kwargs):
+        raise RuntimeError("the data factory ran")
+''')
+    (project.path / "cases" / "tiny.yaml").write_text("""\
+name: staged
+task: tensors
+model: {factory: "boom:model"}
+data: {factory: "boom:Data"}
+golden: {dir: golden/staged, samples: 1}
+stages:
+  first: {inputs: [x], outputs: [y]}
+  second: {inputs: [y], outputs: [z]}
+backends:
+  torch-fp32: {compare: {atol: 1.0e-5}}
+  ort-fp32: {compare: {atol: 1.0e-4}}
+""")
+    result = project.runpytest("cases/", "--collect-only", "-q")
+    assert result.ret == 0, result.stdout.str()
+    result.stdout.fnmatch_lines(["*staged[[]torch-fp32[]]::golden[[]first[]]", "*staged[[]ort-fp32[]]::benchmark[[]second[]]"])
+    assert "factory ran" not in result.stdout.str()

@@ -12,7 +12,7 @@ import pytest
 
 from harness.compare import Tolerance, compare
 from harness.records import SCHEMA_VERSION, Record
-from harness.report import HEADERS, markdown, summary_rows, summary_table, write_reports
+from harness.report import headers, markdown, summary_rows, summary_table, write_reports
 
 
 def golden_record(case: str, backend: str, verdict: str, cosines: dict[str, float], max_abs: float,
@@ -21,20 +21,20 @@ def golden_record(case: str, backend: str, verdict: str, cosines: dict[str, floa
     for name, cos in cosines.items():
         outputs[name] = {"name": name, "passed": verdict == "passed",
                          "stats": {"cosine": cos, "max_abs": max_abs, "snr_db": "inf"}}
-    return Record(case=case, backend=backend, item="golden", verdict=verdict, reason=reason, compare=outputs,
+    return Record(case=case, backend=backend, item="golden", verdict=verdict, reason=reason, sections={"compare": outputs},
                   nodeid=f"cases/{case}.yaml::{case}[{backend}]::golden")
 
 
 def bench_record(case: str, backend: str, median_ms: float) -> Record:
-    return Record(case=case, backend=backend, item="benchmark", timing={"median_ms": median_ms, "rounds": 5})
+    return Record(case=case, backend=backend, item="benchmark", sections={"timing": {"median_ms": median_ms, "rounds": 5}})
 
 
 def metric_record(case: str, backend: str, verdict: str, value: float, ratio: float) -> Record:
     return Record(case=case, backend=backend, item="metric", verdict=verdict,
-                  metric={"metric": "miou", "key": "miou", "value": value, "float_value": 0.8, "ratio": ratio,
-                          "details": {"per_class": {"road": value, "car": math.nan},
-                                      "per_class_title": "IoU per class"},
-                          "float_details": {"per_class": {"road": 0.9, "car": 0.7}}},
+                  sections={"metric": {"metric": "miou", "key": "miou", "value": value, "float_value": 0.8,
+                                       "ratio": ratio, "details": {"per_class": {"road": value, "car": math.nan},
+                                                                   "per_class_title": "IoU per class"},
+                                       "float_details": {"per_class": {"road": 0.9, "car": 0.7}}}},
                   reason="" if verdict == "passed" else "tiny[ort-int8]: 1 metric gate(s) failed\nmiou min_ratio ...")
 
 
@@ -58,7 +58,7 @@ def records() -> list[Record]:
 
 
 def row_dict(row: list[str]) -> dict[str, str]:
-    return dict(zip(HEADERS, row, strict=True))
+    return dict(zip(headers(), row, strict=True))
 
 
 def test_summary_rows(records: list[Record]) -> None:
@@ -101,7 +101,7 @@ def test_write_reports(tmp_path: Path, records: list[Record]) -> None:
         raise ValueError(f"non-standard JSON constant {token}")
 
     data = json.loads((out / "report.json").read_text(), parse_constant=refuse)
-    assert data["schema_version"] == SCHEMA_VERSION == 1
+    assert data["schema_version"] == SCHEMA_VERSION == 2
     assert set(data) >= {"schema_version", "generated_at", "environment", "records"}
     assert "python" in data["environment"]["versions"]
     assert len(data["records"]) == len(records)
@@ -118,7 +118,7 @@ def test_write_reports(tmp_path: Path, records: list[Record]) -> None:
 
 def test_write_reports_with_real_compare_statistics(tmp_path: Path) -> None:
     result = compare(np.array([1.0, np.inf]), np.array([1.0, 2.0]), Tolerance(snr_min_db=math.inf), name="y")
-    record = Record(case="c", backend="ort-fp32", item="golden", verdict="failed", compare={"y": result.to_dict()})
+    record = Record(case="c", backend="ort-fp32", item="golden", verdict="failed", sections={"compare": {"y": result.to_dict()}})
     write_reports([record], tmp_path)
     data = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda t: pytest.fail(t))
     assert data["records"][0]["compare"]["y"]["passed"] is False
@@ -159,7 +159,7 @@ def test_skipped_only_and_empty() -> None:
     no_reason = summary_rows([Record(case="c", backend="trt-fp16", item="golden", verdict="skipped")])
     assert row_dict(no_reason[0])["status"] == "skipped"
     assert summary_rows([]) == []
-    assert summary_table([]).splitlines()[0].split() == [h for header in HEADERS for h in header.split()]
+    assert summary_table([]).splitlines()[0].split() == [h for header in headers() for h in header.split()]
 
 
 def test_markdown_tables_keep_their_columns(tmp_path: Path) -> None:
@@ -168,7 +168,7 @@ def test_markdown_tables_keep_their_columns(tmp_path: Path) -> None:
     table = next(part for part in markdown(records, tmp_path).split("\n\n") if part.startswith("| case"))
     for line in table.splitlines():
         cells = [c for c in line.replace("\\|", "").strip().strip("|").split("|")]
-        assert len(cells) == len(HEADERS), line
+        assert len(cells) == len(headers()), line
     assert "max\\|err\\|" in table and "needs a \\| b" in table
 
 
@@ -184,10 +184,10 @@ def test_markdown_shows_the_rule_report_and_per_stage_fidelity(tmp_path: Path) -
         quantized=("a", "b"), kept_float=("decoder.neck.deblocks.1.0",), shared={"a.input_quantizer": ("a:0", "b:0")},
     )
     records = [
-        Record(case="bev", backend="fakequant-int8", item="rules", verdict="failed", rules=report.to_dict()),
+        Record(case="bev", backend="fakequant-int8", item="rules", verdict="failed", sections={"rules": report.to_dict()}),
         Record(case="bev", backend="ort-int8", item="fidelity",
-               fidelity={"reference": "fakequant-int8", "cosine": {"middle": 0.9992},
-                         "stages": {"camera": {"feature": 0.99985}, "fuser": {"middle": 1.0}}}),
+               sections={"fidelity": {"reference": "fakequant-int8", "cosine": {"middle": 0.9992},
+                                      "stages": {"camera": {"feature": 0.99985}, "fuser": {"middle": 1.0}}}}),
     ]
     text = markdown(records, tmp_path)
     assert "### Quantization rules (fakequant-int8, failed)" in text

@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 
 from harness.cases import load_case
+from harness.context import CaseContext, RunOptions
 from harness.datasets.scenes import DrivingScenes
 from harness.errors import CaseError, HarnessError, MetricError
 from harness.metrics import nds
+from harness.metrics.nds import NDSMetric
 from harness.tasks.base import Batch, task_class
 from harness.tasks.detection3d import (
-    Detection3DMetric,
     Detection3DTarget,
     Detection3DTask,
     denormalize,
@@ -30,6 +31,7 @@ from harness.zoo.fastbev import (
     CLASSES,
     IMAGE_MEAN,
     IMAGE_STD,
+    AnchorRowDecoder,
     NMSConfig,
     direction_target,
     postprocess,
@@ -37,10 +39,13 @@ from harness.zoo.fastbev import (
 
 DATA = DrivingScenes("val", size=3, image_height=64, image_width=176, max_boxes=12, max_range=25.0)
 NO_NMS = NMSConfig(nms_type=("circle",) * 10, nms_radius_thr=(1e-9,) * 10)
+NO_NMS_ARGS = "{nms: {nms_type: [circle, circle, circle, circle, circle, circle, circle, circle, circle, circle], " \
+              "nms_radius_thr: [1.0e-9, 1.0e-9, 1.0e-9, 1.0e-9, 1.0e-9, 1.0e-9, 1.0e-9, 1.0e-9, 1.0e-9, 1.0e-9]}}"
 
 CASE = """\
 name: det
 task: detection3d
+task_args: {{decoder: harness.zoo.fastbev:AnchorRowDecoder, decoder_args: {decoder_args}}}
 model:
   factory: harness.zoo.fastbev:fastbev_r18
   args: {{profile: ci}}
@@ -54,12 +59,20 @@ backends:
 """
 
 
-def make_case(tmp_path: Path, metric: str = "{name: nds}", samples: int = 1) -> Detection3DTask:
+def make_context(tmp_path: Path, metric: str = "{name: nds}", samples: int = 1,
+                 decoder_args: str = NO_NMS_ARGS) -> CaseContext:
     path = tmp_path / "cases" / "det.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(CASE.format(metric=metric, samples=samples))
+    path.write_text(CASE.format(metric=metric, samples=samples, decoder_args=decoder_args))
     (tmp_path / "pyproject.toml").touch()
-    adapter = task_class("detection3d")(load_case(path))
+    ctx = CaseContext(load_case(path), RunOptions(torch.device("cpu"), tmp_path / ".cache"))
+    ctx.validate()
+    return ctx
+
+
+def make_case(tmp_path: Path, metric: str = "{name: nds}", samples: int = 1,
+              decoder_args: str = NO_NMS_ARGS) -> Detection3DTask:
+    adapter = task_class("detection3d")(make_context(tmp_path, metric, samples, decoder_args).case)
     assert isinstance(adapter, Detection3DTask)
     return adapter
 
@@ -118,15 +131,16 @@ def test_ground_truth_boxes_keep_num_pts() -> None:
     assert "num_pts" not in ground_truth_boxes(unseen)[0]
 
 
-def test_metric_scores_rows_exactly_as_nds_evaluate() -> None:
-    metric = Detection3DMetric(NO_NMS, None, filter_range=True)
+def test_metric_scores_decoded_rows_exactly_as_nds_evaluate(tmp_path: Path) -> None:
+    adapter = make_case(tmp_path)
+    metric = NDSMetric(filter_range=True)
     gt: dict[str, list[dict[str, object]]] = {}
     pred: dict[str, list[dict[str, object]]] = {}
     for i in range(2):
         batch = batch_of(i)
         boxes = list(DATA[i].boxes)
         rows = rows_for(boxes[: len(boxes) - 2])  # the last two GT boxes are missed
-        metric.update(rows, batch)
+        metric.update(adapter.decode(rows, batch), adapter.targets(batch), batch.sample_ids)
         dets = postprocess(*(t[0].numpy() for t in rows.values()), NO_NMS)
         pred[batch.sample_ids[0]] = prediction_boxes(dets)
         gt[batch.sample_ids[0]] = ground_truth_boxes(boxes)
@@ -144,24 +158,26 @@ def test_metric_scores_rows_exactly_as_nds_evaluate() -> None:
         assert errors["trans_err"] < 1e-4 and errors["scale_err"] < 1e-4, c
         assert math.isnan(errors["orient_err"]) or errors["orient_err"] < 1e-4, c
     assert 0.0 < values.values["mAP"] < 1.0
+    assert [f.direction for f in NDSMetric.figures] == ["higher", "higher"] + ["lower"] * 5
 
 
-def test_nan_box_is_reported_with_sample_and_box() -> None:
+def test_nan_box_is_reported_with_sample_and_box(tmp_path: Path) -> None:
+    adapter = make_case(tmp_path)
     batch = batch_of(0)
     rows = rows_for(list(DATA[0].boxes))
     rows["bbox_pred"][0, 2, 7] = float("nan")  # third row: velocity x
-    metric = Detection3DMetric(NO_NMS, None, filter_range=True)
+    metric = NDSMetric(filter_range=True)
     with pytest.raises(MetricError, match=rf"sample '{batch.sample_ids[0]}': predicted box 2 \(\w+\) has a non-finite velocity"):
-        metric.update(rows, batch)
+        metric.update(adapter.decode(rows, batch), adapter.targets(batch), batch.sample_ids)
     with pytest.raises(MetricError, match="no samples"):
         metric.compute()
 
 
 def test_sample_added_twice_is_an_error() -> None:
-    metric = Detection3DMetric(NO_NMS, None, filter_range=True)
-    metric.update(rows_for([]), batch_of(0))
+    metric = NDSMetric()
+    metric.update([[]], [[]], ["a"])
     with pytest.raises(MetricError, match="added twice"):
-        metric.update(rows_for([]), batch_of(0))
+        metric.update([[]], [[]], ["a"])
 
 
 def test_adapter_batches_and_golden_inputs(tmp_path: Path) -> None:
@@ -173,21 +189,24 @@ def test_adapter_batches_and_golden_inputs(tmp_path: Path) -> None:
     assert batches[1].targets[0].boxes == DATA[2].boxes
     golden = adapter.golden_inputs(DATA, 1)
     assert golden["image"].shape == (6, 3, 64, 176)
-    assert adapter.primary_metric() == "NDS" and adapter.nms == NMSConfig()
+    assert isinstance(adapter.decoder, AnchorRowDecoder) and adapter.decoder.nms == NO_NMS
 
 
-def test_adapter_rejects_bad_case_settings(tmp_path: Path) -> None:
-    with pytest.raises(CaseError, match="computes 'nds', not 'miou'"):
-        make_case(tmp_path, "{name: miou}")
-    with pytest.raises(CaseError, match=r"unknown metric argument\(s\) \['range'\]"):
-        make_case(tmp_path, "{name: nds, args: {range: 1}}")
-    with pytest.raises(CaseError, match=r"unknown class\(es\) \['tram'\]"):
-        make_case(tmp_path, "{name: nds, args: {classes: [car, tram]}}")
-    with pytest.raises(CaseError, match=r"metric\.args\.nms.*unknown nms argument"):
-        make_case(tmp_path, "{name: nds, args: {nms: {score: 0.1}}}")
-    adapter = make_case(tmp_path, "{name: nds, args: {nms: {score_thr: 0.2, nms_thr: [0.3, 0.3, 0.3, 0.3, 0.3, 0.5, 0.2, 0.2, 0.5, 0.2]}}}",
+def test_bad_case_settings_are_collection_errors(tmp_path: Path) -> None:
+    with pytest.raises(CaseError, match="metric 'miou' scores label_map predictions; task 'detection3d' decodes boxes3d"):
+        make_context(tmp_path, "{name: miou}")
+    with pytest.raises(CaseError, match=r"key 'metric.args.range': unknown argument 'range' of metric 'nds'"):
+        make_context(tmp_path, "{name: nds, args: {range: 1}}")
+    with pytest.raises(CaseError, match=r"key 'metric.args.classes': unknown class\(es\) \['tram'\]"):
+        make_context(tmp_path, "{name: nds, args: {classes: [car, tram]}}")
+    with pytest.raises(CaseError, match=r"key 'metric.keys.1': metric 'nds' has no figure 'NDX'"):
+        make_context(tmp_path, "{name: nds, keys: [NDS, NDX]}")
+    with pytest.raises(CaseError, match=r"task_args.decoder_args.*unknown nms argument"):
+        make_case(tmp_path, decoder_args="{nms: {score: 0.1}}")
+    adapter = make_case(tmp_path, decoder_args="{nms: {score_thr: 0.2, nms_thr: [0.3, 0.3, 0.3, 0.3, 0.3, 0.5, 0.2, 0.2, 0.5, 0.2]}}",
                         samples=2)
-    assert adapter.nms.score_thr == 0.2 and adapter.nms.nms_thr[0] == 0.3
+    assert isinstance(adapter.decoder, AnchorRowDecoder)
+    assert adapter.decoder.nms.score_thr == 0.2 and adapter.decoder.nms.nms_thr[0] == 0.3
     with pytest.raises(CaseError, match=r"golden\.samples"):
         adapter.golden_inputs(DATA, 2)
 
@@ -196,14 +215,14 @@ def test_agreement_counts_matched_boxes(tmp_path: Path) -> None:
     adapter = make_case(tmp_path)
     boxes = list(DATA[0].boxes)
     batch = batch_of(0)
-    same = rows_for(boxes)
-    n = len(adapter.detections(same, 0))
+    same = adapter.decode(rows_for(boxes), batch)
+    n = len(same[0])
     assert adapter.agreement(same, same, batch) == (n, n)
-    fewer = rows_for(boxes[:-3])
+    fewer = adapter.decode(rows_for(boxes[:-3]), batch)
     assert adapter.agreement(same, fewer, batch) == (n - 3, n)
-    moved = rows_for(boxes)
-    moved["bbox_pred"][0, :, 0] += 100.0
-    assert adapter.agreement(same, moved, batch) == (0, 2 * n)
+    moved_rows = rows_for(boxes)
+    moved_rows["bbox_pred"][0, :, 0] += 100.0
+    assert adapter.agreement(same, adapter.decode(moved_rows, batch), batch) == (0, 2 * n)
 
 
 def test_match_count_is_one_to_one_by_label() -> None:

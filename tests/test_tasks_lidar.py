@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from harness import tensorfile
+from harness.backends.registry import backend_info
 from harness.cases import load_case
+from harness.checks import run_check
+from harness.context import CaseContext, RunOptions
 from harness.errors import CaseError
 from harness.export import scn_golden
 from harness.export.scn_executor import ScnInputError
-from harness.session import CaseRun, RunOptions
 from harness.tasks import lidar
 from harness.tasks.base import task_class
 
@@ -55,9 +57,9 @@ def _case(tmp_path: Path, text: str = CASE) -> Path:
     return path
 
 
-def _run(tmp_path: Path, text: str = CASE, update: bool = False) -> CaseRun:
+def _run(tmp_path: Path, text: str = CASE, update: bool = False) -> CaseContext:
     case = load_case(_case(tmp_path, text), root=tmp_path)
-    return CaseRun(case, RunOptions(torch.device("cpu"), tmp_path / ".cache", update_golden=update))
+    return CaseContext(case, RunOptions(torch.device("cpu"), tmp_path / ".cache", update_golden=update))
 
 
 def test_registered_and_inputs_in_zyx_order(tmp_path: Path) -> None:
@@ -107,7 +109,7 @@ def test_golden_files_in_nvidia_naming_and_layout(tmp_path: Path) -> None:
     assert np.array_equal(reference.inputs["features"], features.astype(np.float32))
     assert np.array_equal(reference.outputs["dense"].astype(np.float16), dense)
     assert np.array_equal(record.inputs["indices"], indices) and np.array_equal(record.outputs["dense"], dense)
-    assert run.check_golden("torch-fp32", "model").verdict == "passed"
+    assert run_check(run, "golden", "torch-fp32", "model").verdict == "passed"
 
 
 def test_bad_indices_in_golden_files_name_the_file_and_row(tmp_path: Path) -> None:
@@ -116,7 +118,7 @@ def test_bad_indices_in_golden_files_name_the_file_and_row(tmp_path: Path) -> No
     path = tmp_path / "golden/scn-tiny/inputs/in_indices_zyx.torch.int32.tensor"
     good = tensorfile.load(path)
 
-    def rewrite(indices: np.ndarray) -> CaseRun:
+    def rewrite(indices: np.ndarray) -> CaseContext:
         tensorfile.save(path, indices)
         meta_path = tmp_path / "golden/scn-tiny/meta.json"
         meta = json.loads(meta_path.read_text())
@@ -131,7 +133,7 @@ def test_bad_indices_in_golden_files_name_the_file_and_row(tmp_path: Path) -> No
     outside = good.copy()
     outside[12, 1] = 41
     with pytest.raises(ScnInputError, match=rf"^{path}: row 12: index \[0, 41, .* outside batch 1 x grid \[41, 180, 180\]"):
-        rewrite(outside).check_golden("torch-fp32", "model")
+        run_check(rewrite(outside), "golden", "torch-fp32", "model")
 
 
 def test_bad_sample_indices_name_the_sample(tmp_path: Path) -> None:
@@ -151,17 +153,23 @@ def test_bad_sample_indices_name_the_sample(tmp_path: Path) -> None:
 
 def test_unsupported_backends_say_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = _run(tmp_path)
-    reasons = run.adapter.unsupported_backends()
-    for name in ("ort-fp32", "ort-int8"):
-        assert "custom SparseConvolution/ScatterDense ops" in reasons[name] and "ONNX Runtime has no kernels" in reasons[name]
-    for name in ("trt-fp16", "trt-int8"):
-        assert "3DSparseConvolution plugin / libspconv" in reasons[name]
-    assert run.unavailable_reason("ort-fp32") == reasons["ort-fp32"]
-    assert "torch-fp32" not in reasons and "scn-ref" not in reasons
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+
+    def reason(name: str, device: torch.device = cpu) -> str | None:
+        return run.adapter.unsupported_reason(backend_info(name), device)
+
+    for name in ("ort-fp32", "ort-int8", "trt-fp16", "trt-int8"):
+        text = reason(name)
+        assert text is not None and "custom SparseConvolution/ScatterDense ops" in text and f"{name} has no kernels" in text
+    assert run.unavailable_reason("ort-fp32") == reason("ort-fp32")
+    assert reason("torch-fp32") is None and reason("scn-ref") is None and reason("fakequant-int8") is None
     monkeypatch.setattr(lidar, "spconv_cpu_only", lambda: False)
-    assert "torch-fp16" not in run.adapter.unsupported_backends()
+    assert reason("torch-fp16") is None and reason("torch-fp32", cuda) is None
     monkeypatch.setattr(lidar, "spconv_cpu_only", lambda: True)
-    assert "CPU-only build" in run.adapter.unsupported_backends()["torch-fp16"]
+    for name, device in (("torch-fp16", cpu), ("torch-fp32", cuda), ("fakequant-int8", cuda)):
+        text = reason(name, device)
+        assert text is not None and "CPU-only build" in text and "--device cpu" in text, name
+    assert reason("scn-ref", cuda) is None  # the reference executor runs on the CPU
 
 
 @pytest.mark.parametrize(

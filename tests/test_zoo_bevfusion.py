@@ -190,7 +190,7 @@ def test_frustum_geometry_matches_per_point_loop() -> None:
                     u, v = w * (64 - 1) / (8 - 1), h * (32 - 1) / (4 - 1)
                     x, y, z, _ = inv[n] @ np.array([u * d, v * d, d, 1.0])
                     ix, iy, iz = (
-                        math.floor((p - b[0]) / b[2])
+                        math.trunc((p - b[0]) / b[2])
                         for p, b in ((x, xbound), (y, ybound), (z, zbound))
                     )
                     if 0 <= ix < nx and 0 <= iy < ny and 0 <= iz < nz:
@@ -257,3 +257,19 @@ def test_factory_seed_overrides_and_errors() -> None:
         bevfusion_camera_r50("ci", xbounds=(0, 1, 1))
     with pytest.raises(HarnessError, match="image_hw"):
         bevfusion_camera_r50("ci", image_hw=(60, 192))
+
+
+def test_points_less_than_a_cell_below_the_grid_land_in_cell_zero() -> None:
+    """BEVFusion's `.long()` truncates toward zero: (p - lo) / step in (-1, 0) is cell 0."""
+    image_hw, feature_hw = (32, 64), (4, 8)
+    bounds = ((1.0, 40.0, 6.0), (-30.37, 29.63, 5.0), (-30.1, 29.9, 7.5), (-3.1, 2.9, 2.0))
+    lidar2img = ring_lidar2img(image_hw)
+    geometry = frustum_geometry(lidar2img, image_hw, feature_hw, *bounds)
+    # the z grid moved up one cell: points of the old z cell 0 are now less than a cell below
+    # `lo`, so they are kept in the new z cell 0 (flooring would drop every one of them)
+    shifted = frustum_geometry(lidar2img, image_hw, feature_hw, bounds[0], bounds[1], bounds[2],
+                               (-1.1, 4.9, 2.0))
+    z_cell = torch.where(geometry >= 0, geometry // (12 * 8), -1)
+    below = (z_cell == 0) & (shifted >= 0)
+    assert below.any()
+    assert bool(((shifted[below] // (12 * 8)) == 0).all())

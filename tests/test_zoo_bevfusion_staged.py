@@ -72,3 +72,16 @@ def test_inputs_that_do_not_fit_are_named(model: BEVFusionStaged) -> None:
         model(**inputs)
     with pytest.raises(HarnessError, match="missing inputs"):
         model.run_stages({"img": inputs["img"]}, lambda name, feeds: {})
+
+
+def test_state_dict_is_the_plain_model_state_dict(model: BEVFusionStaged) -> None:
+    plain = model.model.state_dict()
+    staged = model.state_dict()
+    assert list(staged) == list(plain)
+    other = bevfusion_camera_staged(profile="ci", seed=1)
+    other.load_state_dict(plain, strict=True)
+    for name, param in other.named_parameters(remove_duplicate=False):
+        key = name.split(".model.", 1)[-1]
+        assert torch.equal(param, plain[key]), name
+    with pytest.raises(RuntimeError, match="Missing key"):
+        other.load_state_dict({k: v for k, v in plain.items() if not k.startswith("fuser.")})

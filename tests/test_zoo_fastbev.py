@@ -13,6 +13,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from harness.errors import HarnessError
+from harness.zoo import fastbev
 from harness.zoo.fastbev import (
     CLASSES,
     FastBEV,
@@ -656,3 +657,34 @@ def test_predict_returns_detections() -> None:
     (dets,) = model.predict(images, ring_lidar2img(cfg.image_hw), NMSConfig(score_thr=0.0))
     assert 0 < len(dets) <= 500
     assert np.isfinite(dets.center).all() and (dets.size > 0).all()
+
+
+def _greedy_nms(bev: np.ndarray, scores: np.ndarray, kind: str, threshold: float) -> list[int]:
+    """The textbook greedy NMS, one box against the rest at a time (reference for `_nms`)."""
+    order = np.argsort(-scores, kind="stable")
+    suppressed = np.zeros(len(order), dtype=bool)
+    keep = []
+    for k, i in enumerate(order):
+        if suppressed[k]:
+            continue
+        keep.append(int(i))
+        rest = order[k + 1:]
+        if kind == "circle":
+            close = (bev[rest, 0] - bev[i, 0]) ** 2 + (bev[rest, 1] - bev[i, 1]) ** 2 <= threshold
+        else:
+            close = bev_iou(bev[i], bev[rest]) >= threshold
+        suppressed[k + 1:] |= close
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_vectorised_nms_equals_greedy_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 80))
+    bev = np.column_stack([rng.uniform(-10, 10, n), rng.uniform(-10, 10, n), rng.uniform(0.3, 4, n),
+                           rng.uniform(0.3, 10, n), rng.uniform(-3.2, 3.2, n)])
+    bev[n // 2:] = bev[: n - n // 2] + rng.normal(0, 0.2, (n - n // 2, 5))
+    bev[:, 2:4] = np.abs(bev[:, 2:4]) + 0.1
+    scores = rng.random(n).round(2)
+    for kind, threshold in (("rotate", 0.2), ("rotate", 0.5), ("circle", 2.0)):
+        assert fastbev._nms(bev, scores, kind, threshold).tolist() == _greedy_nms(bev, scores, kind, threshold)

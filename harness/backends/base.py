@@ -10,7 +10,8 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -23,7 +24,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class PrepareContext:
-    """What a backend may use to prepare its runner; every callable is lazy and memoised."""
+    """What a backend may use to prepare its runner; every callable is lazy and memoised.
+
+    `float_onnx()` and `qdq_onnx(layout, weight_codes)` are the case's cached exports
+    (`harness.export.artifacts`), shared by every backend that takes ONNX.
+    """
 
     case: Case
     cache: Cache
@@ -34,6 +39,8 @@ class PrepareContext:
     stage_feeds: Callable[[], dict[str, dict[str, torch.Tensor]]]
     model_key: str
     quant_key: Callable[[], str]
+    float_onnx: Callable[[], dict[str, Path]]
+    qdq_onnx: Callable[[Literal["tensorrt", "onnxruntime"], Literal["int8", "uint8"]], dict[str, Path]]
 
 
 @dataclass

@@ -15,9 +15,7 @@ import numpy as np
 import torch
 
 from harness.backends.base import Backend, PrepareContext, Runner
-from harness.cache import content_key
-from harness.environment import cpu_name, device_name, library_versions
-from harness.export.onnx import OPSET, export_stage
+from harness.environment import cpu_name, device_name
 
 _NP_TYPES = {
     "tensor(float)": np.float32,
@@ -105,50 +103,6 @@ class OrtRunner(Runner):
         self.sessions.clear()
 
 
-def export_key(ctx: PrepareContext, flavour: str, feeds: dict[str, dict[str, torch.Tensor]]) -> str:
-    """Cache key of an export: model identity, flavour, input shapes, opset and library versions."""
-    shapes = {s: {n: list(t.shape[1:]) for n, t in f.items()} for s, f in feeds.items()}
-    return content_key("onnx", flavour, ctx.model_key, shapes, OPSET, library_versions())
-
-
-def float_onnx(ctx: PrepareContext) -> dict[str, Path]:
-    """The float ONNX file of every stage, exported once and cached by content hash (shared by
-    ort-fp32 and trt-fp16)."""
-    feeds = ctx.stage_feeds()
-    program = ctx.program(ctx.float_model())
-
-    def build(folder: Path) -> None:
-        for name, stage in program.stages.items():
-            export_stage(stage, feeds[name], folder / f"{name}.onnx")
-
-    folder = ctx.cache.entry(f"{ctx.case.name}/onnx-fp32", export_key(ctx, "fp32", feeds), build)
-    return {name: folder / f"{name}.onnx" for name in program.stages}
-
-
-def qdq_onnx(ctx: PrepareContext, layout: Literal["tensorrt", "onnxruntime"],
-             weight_codes: Literal["int8", "uint8"] = "int8") -> dict[str, Path]:
-    """The Q/DQ ONNX of every stage of the calibrated model in `layout` (TensorRT's: Q/DQ on conv
-    inputs and weights; ONNX Runtime's: conv outputs quantized too so ORT runs int8 kernels,
-    weights as `weight_codes`), exported once and cached by model and quantization identity;
-    dim 0 stays dynamic where the stage's batch is."""
-    from harness.export.qdq import export_qdq
-
-    feeds = ctx.stage_feeds()
-
-    def build(folder: Path) -> None:
-        program = ctx.program(ctx.quantized_model())
-        for name, stage in program.stages.items():
-            example = tuple(feeds[name][n] for n in stage.inputs)
-            dynamic = {n: {0: "batch"} for n in (*stage.inputs, *stage.outputs)} if stage.dynamic_batch else None
-            export_qdq(stage.module, example, folder / f"{name}.onnx", layout=layout, weight_codes=weight_codes,
-                       input_names=list(stage.inputs), output_names=list(stage.outputs), dynamic_axes=dynamic)
-
-    flavour = f"qdq-{layout}" if weight_codes == "int8" else f"qdq-{layout}-{weight_codes}"
-    key = content_key(export_key(ctx, flavour, feeds), ctx.quant_key())
-    folder = ctx.cache.entry(f"{ctx.case.name}/onnx-{flavour}", key, build)
-    return {name: folder / f"{name}.onnx" for name in feeds}
-
-
 def session_runner(ctx: PrepareContext, paths: dict[str, Path], precision: str) -> OrtRunner:
     """Open one session per stage ONNX and describe the provider and device used."""
     sessions = {stage: make_session(path, ctx.device) for stage, path in paths.items()}
@@ -168,7 +122,7 @@ class OrtFP32(Backend):
 
     def prepare(self, ctx: PrepareContext) -> Runner:
         """Export every stage (cached by content hash) and open sessions."""
-        return session_runner(ctx, float_onnx(ctx), "fp32")
+        return session_runner(ctx, ctx.float_onnx(), "fp32")
 
 
 def ort_weight_codes(device: torch.device) -> Literal["int8", "uint8"]:
@@ -193,4 +147,4 @@ class OrtInt8(Backend):
         """Export the calibrated model's stages in the onnxruntime layout (cached) and open sessions."""
         codes = ort_weight_codes(ctx.device)
         kernels = "U8S8" if codes == "int8" else "U8U8: U8S8 would saturate on this CPU (no VNNI)"
-        return session_runner(ctx, qdq_onnx(ctx, "onnxruntime", codes), f"int8 (QDQ, onnxruntime layout, {kernels})")
+        return session_runner(ctx, ctx.qdq_onnx("onnxruntime", codes), f"int8 (QDQ, onnxruntime layout, {kernels})")

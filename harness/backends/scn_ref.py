@@ -64,13 +64,11 @@ def _io_names(ctx: PrepareContext, model: nn.Module) -> tuple[str, str, str]:
 
 
 def fused(model: nn.Module) -> nn.Module:
-    """`model` with BN folded into its sparse convs when it is an unfused CenterPointSCN (as
-    NVIDIA's exporter does before tracing); other models as they are."""
-    from harness.zoo.centerpoint import CenterPointSCN, fuse_bn
+    """`model` with BN folded into its sparse convs by the folder its type registered (as
+    NVIDIA's exporter does before tracing); models without BN as they are."""
+    from harness.quant.sparse import fold_sparse_bn
 
-    if isinstance(model, CenterPointSCN) and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
-        return fuse_bn(model.eval())
-    return model
+    return fold_sparse_bn(model.eval())
 
 
 def scn_onnx(ctx: PrepareContext, flavour: str, model: nn.Module, extra_key: str = "") -> ScnOnnx:

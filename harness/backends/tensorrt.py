@@ -37,7 +37,6 @@ from filelock import FileLock
 
 from harness.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from harness.backends.base import Backend, PrepareContext, Runner
-from harness.backends.onnxruntime import float_onnx, qdq_onnx
 from harness.cache import Cache, content_key, file_sha256
 from harness.environment import cuda_available
 from harness.errors import ExportError, HarnessError
@@ -695,7 +694,7 @@ class TrtFP16(_TensorRT):
 
     def prepare(self, ctx: PrepareContext) -> Runner:
         """Reuse ort-fp32's cached float export; build or load one engine per stage."""
-        return engine_runner(ctx, float_onnx(ctx), BuildOptions(strongly_typed=False, flags=("FP16",)), "fp16")
+        return engine_runner(ctx, ctx.float_onnx(), BuildOptions(strongly_typed=False, flags=("FP16",)), "fp16")
 
 
 class TrtInt8(_TensorRT):
@@ -706,7 +705,7 @@ class TrtInt8(_TensorRT):
 
     def prepare(self, ctx: PrepareContext) -> Runner:
         """Export the calibrated model as Q/DQ ONNX (TensorRT layout) and build one engine per stage."""
-        return engine_runner(ctx, qdq_onnx(ctx, "tensorrt"), int8_options(supports_strongly_typed()), "int8")
+        return engine_runner(ctx, ctx.qdq_onnx("tensorrt", "int8"), int8_options(supports_strongly_typed()), "int8")
 
 
 def int8_options(strongly_typed: bool) -> BuildOptions:

@@ -23,59 +23,14 @@ import numpy as np
 import numpy.typing as npt
 
 from harness.errors import HarnessError
+from harness.metrics.miou import CITYSCAPES_CLASSES
 
-CLASS_NAMES: tuple[str, ...] = (
-    "road",
-    "sidewalk",
-    "building",
-    "wall",
-    "fence",
-    "pole",
-    "traffic light",
-    "traffic sign",
-    "vegetation",
-    "terrain",
-    "sky",
-    "person",
-    "rider",
-    "car",
-    "truck",
-    "bus",
-    "train",
-    "motorcycle",
-    "bicycle",
-)
+CLASS_NAMES: tuple[str, ...] = CITYSCAPES_CLASSES
 """The 19 Cityscapes train classes, in train-id order."""
 
 LABEL_IDS: tuple[int, ...] = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)  # fmt: skip
 """Original Cityscapes label ids of `CLASS_NAMES`."""
 
-PALETTE: npt.NDArray[np.uint8] = np.array(
-    [
-        (128, 64, 128),
-        (244, 35, 232),
-        (70, 70, 70),
-        (102, 102, 156),
-        (190, 153, 153),
-        (153, 153, 153),
-        (250, 170, 30),
-        (220, 220, 0),
-        (107, 142, 35),
-        (152, 251, 152),
-        (70, 130, 180),
-        (220, 20, 60),
-        (255, 0, 0),
-        (0, 0, 142),
-        (0, 0, 70),
-        (0, 60, 100),
-        (0, 80, 100),
-        (0, 0, 230),
-        (119, 11, 32),
-    ],
-    dtype=np.uint8,
-)
-"""Cityscapes colour of each train id."""
-PALETTE.setflags(write=False)
 
 IGNORE_INDEX = 255
 NUM_CLASSES = len(CLASS_NAMES)
@@ -108,14 +63,6 @@ F32 = np.float32
 Array = npt.NDArray[np.float32]
 Mask = npt.NDArray[np.bool_]
 RGB = tuple[float, float, float]
-
-
-def colorize(label: npt.NDArray[np.integer]) -> npt.NDArray[np.uint8]:
-    """(H, W) train-id label map -> (H, W, 3) uint8 Cityscapes colours; 255 (and any other value
-    outside the 19 classes) is black."""
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    lut[:NUM_CLASSES] = PALETTE
-    return lut[np.asarray(label).astype(np.uint8)]
 
 
 @dataclass(frozen=True)

@@ -52,16 +52,7 @@ from harness.datasets.scene3d import (
     make_scene,
     mix_hash,
 )
-
-CAMERAS: tuple[str, ...] = (
-    "CAM_FRONT",
-    "CAM_FRONT_RIGHT",
-    "CAM_FRONT_LEFT",
-    "CAM_BACK",
-    "CAM_BACK_LEFT",
-    "CAM_BACK_RIGHT",
-)
-"""Camera names in the order images and matrices are stacked."""
+from harness.tasks.detection3d import CAMERAS
 
 LIDAR_IN_EGO = (0.943713, 0.0, LIDAR_HEIGHT)
 """nuScenes LIDAR_TOP position in the ego (rear-axle) frame; our frame's origin."""

@@ -45,7 +45,6 @@ from torch import nn
 from harness.errors import ExportError
 from harness.quant.modules import QuantAdd, QuantModule
 from harness.quant.tensor_quantizer import QuantMode, TensorQuantizer
-from harness.zoo.ops import Add
 
 SymbolicFn = Callable[..., None]
 F = TypeVar("F", bound=SymbolicFn)
@@ -499,11 +498,14 @@ def symbolic_relu(t: Tracer, module: nn.ReLU, y: torch.Tensor, x: torch.Tensor) 
     t.add_node("Relu", [x_name], [t.define(y)], f"relu{t.index('relu')}")
 
 
-@SCN_SYMBOLICS.module(Add, QuantAdd)
+@SCN_SYMBOLICS.module(QuantAdd)
 def symbolic_add(
     t: Tracer, module: nn.Module, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor
 ) -> None:
-    """Add(a, b) with each input's range (0 when float; a shared quantizer gives both the same)."""
+    """Add(a, b) with each input's range (0 when float; a shared quantizer gives both the same).
+
+    Registered for QuantAdd; a model library registers it for its float add module too
+    (`SCN_SYMBOLICS.module(Add)(symbolic_add)`, as the zoo's CenterPoint does)."""
     names = [t.name(a), t.name(b)]
     ranges = [0.0, 0.0]
     int8 = False

@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import re
 import tempfile
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +78,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from harness.errors import ExportError, QuantError
+from harness.export.onnx import check_reads_inputs, tracer_warnings
 from harness.quant.tensor_quantizer import QuantMode, TensorQuantizer
 
 Layout = Literal["tensorrt", "onnxruntime"]
@@ -147,10 +147,7 @@ def export_qdq(
     was_training = model.training
     model.eval()
     try:
-        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", UserWarning)
+        with tempfile.TemporaryDirectory() as tmp, tracer_warnings(type(model).__name__), torch.no_grad():
             raw = Path(tmp) / "raw.onnx"
             torch.onnx.export(
                 model, args, str(raw), dynamo=False, opset_version=opset, do_constant_folding=True,
@@ -159,12 +156,14 @@ def export_qdq(
                 dynamic_axes=dynamic_axes,
             )
             proto = onnx.load(str(raw))
-    except QuantError:
+    except (QuantError, ExportError):
         raise
     except Exception as err:
         raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {err}") from err
     finally:
         model.train(was_training)
+    if input_names:
+        check_reads_inputs(proto, input_names, type(model).__name__)
     fold_weight_quantizers(proto)
     if layout == "onnxruntime":
         to_onnxruntime_layout(proto, resolve_weight_codes(weight_codes))

@@ -39,8 +39,8 @@ from spconv.pytorch.conv import SparseConvolution
 from harness.errors import ExportError, HarnessError
 from harness.export.scn_golden import load_features, load_indices
 from harness.export.scn_schema import load
+from harness.quant.spconv_ops import conv_forward
 from harness.quant.tensor_quantizer import fake_quantize
-from harness.zoo.centerpoint import conv_forward
 
 Precision = Literal["fp32", "fp16"]
 

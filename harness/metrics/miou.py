@@ -7,12 +7,22 @@ mean; a class that is predicted but never present counts with IoU 0.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from harness.errors import MetricError
+from harness.metrics.base import Figure, Metric, MetricArgsError, MetricValues
+
+CITYSCAPES_CLASSES: tuple[str, ...] = (
+    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+    "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+    "motorcycle", "bicycle",
+)  # fmt: skip
+"""The 19 Cityscapes train classes, in train-id order."""
 
 
 @dataclass(frozen=True)
@@ -109,4 +119,45 @@ class MeanIoU:
             pixel_acc=float(tp.sum() / total),
             mean_acc=float(np.nanmean(acc)),
             confusion=conf,
+        )
+
+
+class MeanIoUMetric(Metric):
+    """The `miou` metric: label maps (what the segmentation task decodes) against target maps.
+
+    Arguments: `num_classes` (19), `ignore_index` (255), `class_names` (default: the Cityscapes
+    train classes when num_classes is 19, else the class ids). Figures: miou (primary),
+    pixel_acc, mean_acc, all higher-is-better; IoU per class in the details.
+    """
+
+    name = "miou"
+    figures = (Figure("miou", "higher", "mean IoU over classes present"),
+               Figure("pixel_acc", "higher", "share of labelled pixels predicted right"),
+               Figure("mean_acc", "higher", "mean per-class accuracy"))
+    primary = "miou"
+    consumes = "label_map"
+    ARGS = frozenset({"num_classes", "ignore_index", "class_names"})
+
+    def __init__(self, **args: Any) -> None:
+        self.check_args(args)
+        num_classes = int(args.get("num_classes", 19))
+        self.miou = MeanIoU(num_classes, ignore_index=int(args.get("ignore_index", 255)))
+        names = args.get("class_names") or (CITYSCAPES_CLASSES if num_classes == len(CITYSCAPES_CLASSES) else None)
+        self.class_names = tuple(str(n) for n in names) if names else tuple(str(i) for i in range(num_classes))
+        if len(self.class_names) != num_classes:
+            raise MetricArgsError(f"{len(self.class_names)} class names for {num_classes} classes", "class_names")
+
+    def update(self, predictions: Sequence[Any], targets: Sequence[Any], sample_ids: Sequence[str]) -> None:
+        """Add each sample's predicted label map against its target label map."""
+        for pred, target, sample in zip(predictions, targets, sample_ids, strict=True):
+            self.miou.update(pred, target, sample=f"sample {sample}")
+
+    def compute(self) -> MetricValues:
+        """miou (primary), pixel_acc, mean_acc; per-class IoU in details (NaN: class absent)."""
+        result = self.miou.compute()
+        per_class: Mapping[str, float] = {n: float(v) for n, v in zip(self.class_names, result.iou, strict=True)}
+        return MetricValues(
+            values={"miou": result.miou, "pixel_acc": result.pixel_acc, "mean_acc": result.mean_acc},
+            primary="miou",
+            details={"per_class": dict(per_class), "per_class_title": "IoU per class"},
         )

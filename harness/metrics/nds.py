@@ -51,6 +51,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from harness.errors import MetricError
+from harness.metrics.base import Figure, Metric, MetricArgsError, MetricValues
 
 __all__ = [
     "ATTRIBUTE_NAMES",
@@ -65,7 +66,9 @@ __all__ = [
     "MIN_RECALL",
     "TP_METRICS",
     "ClassMetrics",
+    "NDSMetric",
     "NDSResult",
+    "check_finite",
     "evaluate",
 ]
 
@@ -749,3 +752,76 @@ def _summarise(per_class: dict[str, ClassMetrics]) -> NDSResult:
         mAAE=tp_errors["attr_err"],
         per_class=MappingProxyType(per_class),
     )
+
+
+class NDSMetric(Metric):
+    """The `nds` metric: nuScenes detection score of decoded 3-D boxes against ground truth.
+
+    Predictions and targets are per-sample lists of box mappings (see `evaluate`); boxes are kept
+    by sample id and scored all at once. Arguments: `classes` (default: all 10 detection
+    classes), `filter_range` (the devkit's class ranges, default true). Figures: NDS (primary)
+    and mAP (higher is better), mATE, mASE, mAOE, mAVE, mAAE (lower is better).
+    """
+
+    name = "nds"
+    figures = (Figure("NDS", "higher", "nuScenes detection score"), Figure("mAP", "higher", "mean average precision"),
+               Figure("mATE", "lower", "mean translation error (m)"), Figure("mASE", "lower", "mean scale error (1-IoU)"),
+               Figure("mAOE", "lower", "mean orientation error (rad)"), Figure("mAVE", "lower", "mean velocity error (m/s)"),
+               Figure("mAAE", "lower", "mean attribute error (1-acc)"))
+    primary = "NDS"
+    consumes = "boxes3d"
+    ARGS = frozenset({"classes", "filter_range"})
+
+    def __init__(self, **args: Any) -> None:
+        self.check_args(args)
+        classes = args.get("classes")
+        bad = [c for c in classes or () if c not in DETECTION_CLASSES]
+        if bad:
+            raise MetricArgsError(f"unknown class(es) {bad}; known: {list(DETECTION_CLASSES)}", "classes")
+        self.classes: tuple[str, ...] | None = None if classes is None else tuple(classes)
+        self.filter_range = bool(args.get("filter_range", True))
+        self.gt: dict[str, list[Mapping[str, Any]]] = {}
+        self.pred: dict[str, list[Mapping[str, Any]]] = {}
+
+    def update(self, predictions: Sequence[Any], targets: Sequence[Any], sample_ids: Sequence[str]) -> None:
+        """Keep each sample's boxes by id; MetricError for a sample added twice or a predicted
+        box with a non-finite field (naming the sample, the box and the field)."""
+        for boxes, gt, sample in zip(predictions, targets, sample_ids, strict=True):
+            if sample in self.pred:
+                raise MetricError(f"sample {sample!r} was added twice")
+            check_finite(sample, boxes)
+            self.pred[sample] = list(boxes)
+            self.gt[sample] = list(gt)
+
+    def compute(self) -> MetricValues:
+        """NDS (primary), mAP and the mean TP errors; per-class AP in details."""
+        if not self.pred:
+            raise MetricError("no samples were added to the NDS metric")
+        result = evaluate(self.gt, self.pred, classes=self.classes, filter_range=self.filter_range)
+        full = result.to_dict()
+        values = {fig.name: float(full[fig.name]) for fig in self.figures}
+        return MetricValues(
+            values=values,
+            primary="NDS",
+            details={
+                "per_class": {name: m.ap for name, m in result.per_class.items()},
+                "per_class_title": "AP per class",
+                "classes": full["classes"],
+                "samples": len(self.pred),
+                "predictions": sum(len(v) for v in self.pred.values()),
+            },
+        )
+
+
+def check_finite(sample: str, boxes: Sequence[Mapping[str, Any]], source: str = "predicted") -> None:
+    """MetricError naming the sample, the box and the field of the first box with NaN or Inf."""
+    for k, box in enumerate(boxes):
+        for key in ("center", "size", "yaw", "velocity", "score"):
+            if key not in box:
+                continue
+            values = np.asarray(box[key], dtype=np.float64)
+            if not np.isfinite(values).all():
+                raise MetricError(
+                    f"sample {sample!r}: {source} box {k} ({box.get('label')}) has a non-finite "
+                    f"{key} {np.asarray(values).tolist()}"
+                )

@@ -3,7 +3,8 @@
 `QuantConv2d`, `QuantConvTranspose2d` and `QuantLinear` quantize their input (per tensor,
 histogram calibration by default) and their weight (per output channel, max calibration: axis 0,
 axis 1 for ConvTranspose2d whose weight is `[in, out/groups, kH, kW]`). `QuantAdd` and
-`QuantConcat` replace `harness.zoo.ops.Add` / `Concat`: by default one quantizer is shared by all
+`QuantConcat` are the quantized versions of join layers (a model library registers its add /
+concat modules for them in `harness.quant.registry`): by default one quantizer is shared by all
 inputs; any input can get its own quantizer or none (`set_input_quantizer`), which is how rules
 such as a residual add that quantizes only its identity input are expressed.
 
@@ -14,13 +15,15 @@ for layers with weights, `weight_quantizer` plus `calibrate_weight()`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import QuantError
+from harness.quant.registry import register_quantizable
 from harness.quant.tensor_quantizer import QuantDescriptor, QuantMode, TensorQuantizer
-from harness.zoo import ops
 
 DEFAULT_INPUT_DESC = QuantDescriptor(calibrator="histogram", method="percentile")
 DEFAULT_WEIGHT_DESC = QuantDescriptor(axis=0)
@@ -221,13 +224,13 @@ class _QuantJoin(QuantModule):
 
 
 class QuantAdd(_QuantJoin):
-    """`ops.Add` with quantized inputs: `forward(a, b) == qa(a) + qb(b)`, qa is qb by default."""
+    """A two-input sum with quantized inputs: `forward(a, b) == qa(a) + qb(b)`, qa is qb by default."""
 
     num_quantized_inputs = 2
 
     @classmethod
-    def from_float(cls, add: ops.Add, input_desc: QuantDescriptor = DEFAULT_INPUT_DESC) -> QuantAdd:
-        """A quantized replacement of `add` with one shared input quantizer."""
+    def from_float(cls, add: nn.Module, input_desc: QuantDescriptor = DEFAULT_INPUT_DESC) -> QuantAdd:
+        """A quantized replacement of the two-input sum `add` with one shared input quantizer."""
         del add
         return cls(input_desc)
 
@@ -237,7 +240,7 @@ class QuantAdd(_QuantJoin):
 
 
 class QuantConcat(_QuantJoin):
-    """`ops.Concat` with quantized inputs (one shared quantizer for all inputs by default)."""
+    """A concatenation with quantized inputs (one shared quantizer for all inputs by default)."""
 
     num_quantized_inputs = None
 
@@ -246,9 +249,9 @@ class QuantConcat(_QuantJoin):
         self.dim = dim
 
     @classmethod
-    def from_float(cls, concat: ops.Concat, input_desc: QuantDescriptor = DEFAULT_INPUT_DESC) -> QuantConcat:
-        """A quantized replacement of `concat` (same dim) with one shared input quantizer."""
-        return cls(concat.dim, input_desc)
+    def from_float(cls, concat: nn.Module, input_desc: QuantDescriptor = DEFAULT_INPUT_DESC) -> QuantConcat:
+        """A quantized replacement of `concat` (same `dim`, default 1) with one shared input quantizer."""
+        return cls(int(getattr(concat, "dim", 1)), input_desc)
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         return torch.cat(self._quantize_inputs(xs), dim=self.dim)
@@ -265,3 +268,27 @@ def weighted_modules(model: nn.Module) -> list[tuple[str, _QuantWeighted]]:
 def quant_modules(model: nn.Module) -> list[tuple[str, QuantModule]]:
     """(name, module) of every quantized layer, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantModule)]
+
+
+def _conv_like(cls: type[QuantConv2d] | type[QuantConvTranspose2d] | type[QuantLinear]) -> Callable[
+        [nn.Module, QuantDescriptor, QuantDescriptor], nn.Module]:
+    def convert(module: nn.Module, input_desc: QuantDescriptor, weight_desc: QuantDescriptor) -> nn.Module:
+        return cls.from_float(module, input_desc, weight_desc)  # type: ignore[arg-type]
+    return convert
+
+
+register_quantizable(nn.Conv2d, _conv_like(QuantConv2d))
+register_quantizable(nn.ConvTranspose2d, _conv_like(QuantConvTranspose2d))
+register_quantizable(nn.Linear, _conv_like(QuantLinear))
+
+
+def add_converter(module: nn.Module, input_desc: QuantDescriptor, weight_desc: QuantDescriptor) -> nn.Module:
+    """`register_quantizable` converter for a model's two-input add module (a `QuantAdd`)."""
+    del weight_desc
+    return QuantAdd.from_float(module, input_desc)
+
+
+def concat_converter(module: nn.Module, input_desc: QuantDescriptor, weight_desc: QuantDescriptor) -> nn.Module:
+    """`register_quantizable` converter for a model's concat module (a `QuantConcat`, its `dim`)."""
+    del weight_desc
+    return QuantConcat.from_float(module, input_desc)

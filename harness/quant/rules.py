@@ -11,24 +11,19 @@ A rule may also say which layers it acts on (`targets(model, graph)`, see `Targe
 quantized or not: `quantize_model` then reports a layer that a rule would share but a
 `keep_float` pattern keeps float as a conflict naming the rule, the layer and the pattern.
 
-Built-in rules (`RULES`, looked up by `get_rule(name)`):
+Rules are looked up by `get_rule(name)` in `harness.quant.registry.RULES`; the library registers:
 
 * `shared_input`: quantized inputs that read the same tensor share one quantizer (found by
   tracing the model with forward hooks that record tensor identity); a tensor read by quantized
   layers and by a layer kept float is a conflict (a group of readers that are all float is not);
 * `shared_concat`: all inputs of each `QuantConcat` share one quantizer;
 * `shared_add`: all inputs of each `QuantAdd` share one quantizer (an input a rule left
-  unquantized, such as the branch of a residual add, stays unquantized);
-* `bottleneck_residual`: the deployment guides' residual trick for every ResNet `BasicBlock` /
-  `Bottleneck` of `harness.zoo.resnet`: the downsample conv shares conv1's input quantizer (both
-  read the block input); the identity enters the add through a residual quantizer (conv1's
-  input quantizer without a downsample, a new one on the downsample output with one) and the
-  branch input of the add (the last conv's output) stays unquantized, so TensorRT fuses the add
-  into that conv with an int8 identity. A block whose conv1, downsample conv and add are not
-  all quantized (or all float) is an error naming it.
+  unquantized, such as the branch of a residual add, stays unquantized).
+Model libraries register their own (the zoo's ResNet `bottleneck_residual`, see
+`harness.zoo.resnet`), built from `share`, `replace_quantizer` and the tracer here.
 
 Tracing sees module calls only: a tensor consumed by a functional op (`x + y`) is invisible,
-which is why models write joins through `harness.zoo.ops`.
+which is why models write joins through registered join modules (`harness.zoo.ops`).
 """
 
 from __future__ import annotations
@@ -41,10 +36,10 @@ import torch
 from torch import nn
 
 from harness.errors import QuantError
-from harness.quant.modules import QuantAdd, QuantConcat, QuantConv2d, QuantModule, quant_modules
+from harness.quant.modules import QuantAdd, QuantConcat, QuantModule, quant_modules
+from harness.quant.registry import RULES, JoinKind, float_types, quantizable, register_rule
 from harness.quant.tensor_quantizer import QuantMode, TensorQuantizer
-from harness.zoo import ops
-from harness.zoo.resnet import BasicBlock, Bottleneck
+from harness.registry import RegistryError
 
 ModelCall = Callable[[nn.Module], Any]
 Batch = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor] | ModelCall
@@ -263,17 +258,16 @@ def _reads_quantizable(module: nn.Module, index: int) -> bool:
     """True when positional input `index` of `module` is (or would be, once quantized) quantized."""
     if isinstance(module, QuantModule):
         return _has_input(module, index)
-    if isinstance(module, ops.Concat):
-        return True
-    if isinstance(module, ops.Add):
-        return index < 2
-    return index == 0
+    entry = quantizable(module)
+    limit = 1 if entry is None else entry.quantized_inputs
+    return limit is None or index < limit
 
 
 @dataclass(frozen=True)
 class _SharedJoin:
     name: str
     kind: type[QuantModule]
+    join: JoinKind
     needs_trace: bool = False
 
     def apply(self, model: nn.Module, graph: TraceGraph | None) -> int:
@@ -288,94 +282,31 @@ class _SharedJoin:
     def targets(self, model: nn.Module, graph: TraceGraph | None) -> list[str]:
         """Every join of this kind, quantized or float."""
         del graph
-        float_kind = ops.Concat if self.kind is QuantConcat else ops.Add
-        return [n for n, m in model.named_modules() if n and isinstance(m, (self.kind, float_kind))]
+        kinds = (self.kind, *float_types(self.join))
+        return [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
 
 
 def shared_concat() -> Rule:
     """All inputs of each QuantConcat share one quantizer."""
-    return _SharedJoin("shared_concat", QuantConcat)
+    return _SharedJoin("shared_concat", QuantConcat, "concat")
 
 
 def shared_add() -> Rule:
     """All inputs of each QuantAdd share one quantizer."""
-    return _SharedJoin("shared_add", QuantAdd)
+    return _SharedJoin("shared_add", QuantAdd, "add")
 
 
-@dataclass(frozen=True)
-class _BlockParts:
-    """The layers of one residual block the residual rule acts on (None: the block has no downsample)."""
-
-    block: str
-    conv1: str
-    downsample: str | None
-    add: str
-
-
-def _residual_blocks(model: nn.Module) -> list[_BlockParts]:
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, BasicBlock | Bottleneck):
-            prefix = f"{name}." if name else ""
-            down = f"{prefix}downsample.0" if module.downsample is not None else None
-            found.append(_BlockParts(name, f"{prefix}conv1", down, f"{prefix}add"))
-    return found
-
-
-@dataclass(frozen=True)
-class BottleneckResidual:
-    """Residual quantizers for ResNet blocks (see the module docstring)."""
-
-    name: str = "bottleneck_residual"
-    needs_trace: bool = False
-
-    def apply(self, model: nn.Module, graph: TraceGraph | None) -> int:
-        del graph
-        matched = 0
-        for block in _residual_blocks(model):
-            conv1, add = model.get_submodule(block.conv1), model.get_submodule(block.add)
-            down = model.get_submodule(block.downsample) if block.downsample else None
-            parts = {block.conv1: conv1, block.add: add, **({block.downsample: down} if block.downsample else {})}
-            floats = [n for n, m in parts.items() if not isinstance(m, QuantModule)]
-            if len(floats) == len(parts):
-                continue
-            if floats:
-                raise QuantConfigError(
-                    f"rule '{self.name}': block '{block.block}' is partly quantized "
-                    f"({', '.join(floats)} float); quantize its conv1, downsample conv and add together or not at all",
-                    "rules",
-                )
-            assert isinstance(conv1, QuantConv2d) and isinstance(add, QuantAdd)
-            shared = conv1.get_input_quantizer(0)
-            if shared is None:
-                raise QuantConfigError(f"rule '{self.name}': '{block.conv1}' has no input quantizer to share", "rules")
-            if isinstance(down, QuantConv2d):
-                share(model, [shared, *down.input_quantizers()])
-                residual = TensorQuantizer(shared.descriptor)
-            else:
-                residual = shared
-            add.set_input_quantizer(0, None)
-            add.set_input_quantizer(1, residual)
-            matched += 1
-        return matched
-
-    def targets(self, model: nn.Module, graph: TraceGraph | None) -> list[str]:
-        """conv1, the downsample conv and the add of every block."""
-        del graph
-        return [n for b in _residual_blocks(model) for n in (b.conv1, b.downsample, b.add) if n is not None]
-
-
-RULES: dict[str, Callable[[], Rule]] = {
-    "shared_input": SharedInput,
-    "shared_concat": shared_concat,
-    "shared_add": shared_add,
-    "bottleneck_residual": BottleneckResidual,
-}
+register_rule("shared_input", SharedInput)
+register_rule("shared_concat", shared_concat)
+register_rule("shared_add", shared_add)
 
 
 def get_rule(name: str) -> Rule:
-    """The built-in rule called `name`; unknown names raise `QuantConfigError` (key "rules")
-    listing the known ones."""
-    if name not in RULES:
-        raise QuantConfigError(f"unknown quantization rule '{name}' (known: {', '.join(sorted(RULES))})", "rules")
-    return RULES[name]()
+    """The registered rule called `name`; unknown names raise `QuantConfigError` (key "rules")
+    listing the known ones (a model library's rules are known once its module is imported)."""
+    try:
+        factory = RULES.get(name)
+    except RegistryError:
+        raise QuantConfigError(f"unknown quantization rule '{name}' (known: {', '.join(sorted(RULES.names()))})",
+                               "rules") from None
+    return factory()

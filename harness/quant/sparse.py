@@ -7,8 +7,11 @@
   (NVIDIA's `QuantAdd` uses `QUANT_DESC_8BIT_PER_TENSOR`).
 
 `quantize_scn` swaps them into a (BN-fused) copy of the model and disables the layers in
-`keep_float`: by default the first layer, as NVIDIA's PTQ does after calibration, so PyTorch
-fake quantization matches the exported graph, whose first layer reads fp16 features.
+`keep_float` (fnmatch patterns, matched like every quantizer's: a pattern covers the modules
+below a matching name): by default the first layer, as NVIDIA's PTQ does after calibration, so
+PyTorch fake quantization matches the exported graph, whose first layer reads fp16 features.
+Sparse models fold their BatchNorm1d layers with the folder they register
+(`register_bn_folder`; the zoo's CenterPoint SCN registers its `fuse_bn`).
 Calibrate with `harness.quant.calibrate.calibrate(model, [(features, indices), ...])`.
 `quantize_scn_model` is the same with `quantize_model`'s signature, for a case's
 `quant.quantizer`.
@@ -17,7 +20,7 @@ Calibrate with `harness.quant.calibrate.calibrate(model, [(features, indices), .
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import spconv.pytorch as spconv
 import torch
@@ -26,11 +29,11 @@ from torch import nn
 
 from harness.errors import QuantError
 from harness.quant.modules import QuantAdd, _QuantWeighted
-from harness.quant.rules import Batch
+from harness.quant.registry import quantizable
+from harness.quant.rules import Batch, QuantConfigError
+from harness.quant.spconv_ops import conv_forward
 from harness.quant.tensor_quantizer import QuantDescriptor, QuantMode, TensorQuantizer
-from harness.quant.transform import QuantConfig, name_quantizers
-from harness.zoo import ops
-from harness.zoo.centerpoint import CenterPointSCN, conv_forward, fuse_bn
+from harness.quant.transform import QuantConfig, keep_float_index, name_matches, name_quantizers
 
 SPARSE_INPUT_DESC = QuantDescriptor(calibrator="histogram", method="mse")
 SPARSE_WEIGHT_DESC = QuantDescriptor(axis=0)
@@ -38,6 +41,33 @@ ADD_DESC = QuantDescriptor()
 
 NVIDIA_CENTERPOINT_KEEP_FLOAT = ("conv_input", "conv1.0.conv1", "conv1.0.conv2", "conv1.0.add")
 """Layers NVIDIA's CenterPoint int8 export runs in fp16 (CUDA-CenterPoint `export-scn.py`)."""
+
+_BN_FOLDERS: dict[type[nn.Module], Callable[[nn.Module], nn.Module]] = {}
+
+
+def register_bn_folder(model_type: type[nn.Module], fold: Callable[[nn.Module], nn.Module]) -> None:
+    """Say how BN is folded into the sparse convs of models of `model_type` (`fold(model)` folds
+    in place or returns the folded model)."""
+    _BN_FOLDERS[model_type] = fold
+
+
+def fold_sparse_bn(model: nn.Module) -> nn.Module:
+    """`model` with its BatchNorm1d folded by the folder registered for its type (the model as it
+    is when it has none left); QuantConfigError (key "fold_bn") when BN is left and no folder is
+    registered."""
+    if not any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+        return model
+    for cls in type(model).__mro__:
+        if cls in _BN_FOLDERS:
+            return _BN_FOLDERS[cls](model)
+    raise QuantConfigError(f"{type(model).__name__} has BatchNorm1d layers and no registered BN folder "
+                           "(harness.quant.sparse.register_bn_folder); fold BN first or set fold_bn: false",
+                           "fold_bn")
+
+
+def _is_add(module: nn.Module) -> bool:
+    entry = quantizable(module)
+    return entry is not None and entry.join == "add"
 
 
 class QuantSparseConvolution(SparseConvolution, _QuantWeighted):  # type: ignore[misc]
@@ -87,24 +117,24 @@ def quantize_scn(
 ) -> nn.Module:
     """A quantizable copy of a BN-fused SCN: sparse convs and adds swapped, `keep_float` disabled.
 
-    Quantizers start uncalibrated; layers named in `keep_float` keep theirs disabled. Errors
-    name a `keep_float` entry that is no sparse conv or add, and a model with BatchNorm left.
+    Quantizers start uncalibrated; layers that a `keep_float` pattern matches keep theirs
+    disabled. QuantConfigError (key "keep_float" and index) for a pattern that matches no sparse
+    conv or add, QuantError for a model with BatchNorm left.
     """
     model = copy.deepcopy(model)
     if any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
-        raise QuantError("quantize_scn: fuse BN into the sparse convs first "
-                         "(harness.zoo.centerpoint.fuse_bn)")
+        raise QuantError("quantize_scn: fold BN into the sparse convs first (fold_sparse_bn)")
     targets = [(n, m) for n, m in model.named_modules()
-               if n and (isinstance(m, SparseConvolution) or type(m) is ops.Add)]
-    unknown = set(keep_float) - {n for n, _ in targets}
-    if unknown:
-        raise QuantError(f"keep_float: no sparse conv or add named {sorted(unknown)}")
+               if n and (isinstance(m, SparseConvolution) or _is_add(m))]
+    for index, pattern in enumerate(keep_float):
+        if not any(name_matches(n, (pattern,)) for n, _ in targets):
+            raise QuantConfigError(f"keep_float pattern '{pattern}' matches no sparse conv or add", "keep_float", index)
     for name, module in targets:
         if isinstance(module, SparseConvolution):
             quant: nn.Module = QuantSparseConvolution.from_float(module, input_desc, weight_desc)
         else:
             quant = QuantAdd(add_desc)
-        if name in keep_float:
+        if keep_float_index(name, keep_float) is not None:
             for q in quant.modules():
                 if isinstance(q, TensorQuantizer):
                     q.set_mode(QuantMode.DISABLED)
@@ -118,20 +148,21 @@ def quantize_scn_model(model: nn.Module, config: QuantConfig, example_inputs: Ba
     """`quantize_scn` driven by a case's quant section (the `quant.quantizer` protocol).
 
     Activations use `config.activations` (NVIDIA: histogram, MSE), weights `config.weights`
-    (per output channel), adds `ADD_DESC`; `keep_float` names layers left in fp16. BN of a
-    `CenterPointSCN` is fused first when `config.fold_bn`. The SCN quantizer quantizes every
-    sparse conv and add, so include / exclude patterns and rules are errors naming the key;
-    `example_inputs` is not needed.
+    (per output channel), adds `ADD_DESC`; `keep_float` patterns name layers left in fp16. BN
+    is folded first when `config.fold_bn` (`fold_sparse_bn`). The SCN quantizer quantizes every
+    sparse conv and add, so include / exclude patterns and rules are QuantConfigErrors naming
+    the setting and entry; `example_inputs` is not needed.
     """
-    if tuple(config.include) != ("*",) or config.exclude:
-        key = "include" if tuple(config.include) != ("*",) else "exclude"
-        raise QuantError(f"{key}: the SCN quantizer quantizes every sparse conv and add; "
-                         "leave layers in fp16 with keep_float")
+    if tuple(config.include) != ("*",):
+        raise QuantConfigError("the SCN quantizer quantizes every sparse conv and add; leave layers in fp16 "
+                               "with keep_float", "include", 0)
+    if config.exclude:
+        raise QuantConfigError("the SCN quantizer quantizes every sparse conv and add; leave layers in fp16 "
+                               "with keep_float", "exclude", 0)
     if config.rules:
-        raise QuantError(f"rules {[r.name for r in config.rules]}: the SCN quantizer shares the "
-                         "quantizer of each add's summands itself and takes no rules")
-    if config.fold_bn and isinstance(model, CenterPointSCN) and any(
-            isinstance(m, nn.BatchNorm1d) for m in model.modules()):
-        model = fuse_bn(copy.deepcopy(model).eval())
+        raise QuantConfigError(f"rule '{config.rules[0].name}': the SCN quantizer shares the quantizer of each "
+                               "add's summands itself and takes no rules", "rules", 0)
+    if config.fold_bn:
+        model = fold_sparse_bn(copy.deepcopy(model))
     return quantize_scn(model, keep_float=config.keep_float, input_desc=config.activations,
                         weight_desc=config.weights, add_desc=ADD_DESC)

@@ -2,9 +2,10 @@
 
 `quantize_model(model, config, example_inputs=None)` returns a new model (the input is not
 modified): BatchNorm2d layers that directly follow a Conv2d / ConvTranspose2d are folded into it
-and replaced by Identity; every Conv2d, ConvTranspose2d, Linear, `ops.Add` and `ops.Concat`
-whose name is included, not excluded and not kept float is replaced by its quantized version;
-then the configured rules run. Quantizers start uncalibrated (see `harness.quant.calibrate`).
+and replaced by Identity; every layer of a quantizable type (`harness.quant.registry`: torch's
+Conv2d, ConvTranspose2d, Linear, and what model libraries register, such as the zoo's add and
+concat modules) whose name is included, not excluded and not kept float is replaced by its
+quantized version; then the configured rules run. Quantizers start uncalibrated (see `harness.quant.calibrate`).
 
 Name patterns are fnmatch patterns matched against module names (`backbone.layer1.0.conv1`);
 a pattern also matches every module below a matching module (`head` covers `head.cls.conv`).
@@ -30,14 +31,10 @@ from harness.errors import QuantError
 from harness.quant.modules import (
     DEFAULT_INPUT_DESC,
     DEFAULT_WEIGHT_DESC,
-    QuantAdd,
-    QuantConcat,
-    QuantConv2d,
-    QuantConvTranspose2d,
-    QuantLinear,
     QuantModule,
     quant_modules,
 )
+from harness.quant.registry import quantizable
 from harness.quant.rules import (
     Batch,
     QuantConfigError,
@@ -47,9 +44,6 @@ from harness.quant.rules import (
     trace_modules,
 )
 from harness.quant.tensor_quantizer import QuantDescriptor, TensorQuantizer
-from harness.zoo import ops
-
-FLOAT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, ops.Add, ops.Concat)
 
 
 @dataclass(frozen=True)
@@ -82,26 +76,24 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_inputs: Batch 
     """
     model = copy.deepcopy(model)
     names = [n for n, _ in model.named_modules() if n]
-    for kind, patterns in (("include", config.include), ("exclude", config.exclude), ("keep_float", config.keep_float)):
-        for index, pattern in enumerate(patterns):
-            if not any(_matches(n, (pattern,)) for n in names):
-                raise QuantConfigError(f"{kind} pattern '{pattern}' matches no module", kind, index)
+    check_patterns(names, config)
     if config.fold_bn:
         fold_conv_bn(model, example_inputs)
     kept: dict[str, int] = {}
     for name, module in list(model.named_modules()):
-        if not name or type(module) not in FLOAT_TYPES:
+        entry = quantizable(module) if name else None
+        if entry is None:
             continue
-        if not _matches(name, config.include) or _matches(name, config.exclude):
+        if not name_matches(name, config.include) or name_matches(name, config.exclude):
             continue
-        keeping = next((i for i, p in enumerate(config.keep_float) if _matches(name, (p,))), None)
+        keeping = keep_float_index(name, config.keep_float)
         if keeping is not None:
             kept[name] = keeping
             continue
-        _set_submodule(model, name, _quantized(module, config))
+        _set_submodule(model, name, entry.convert(module, config.activations, config.weights))
     graph: TraceGraph | None = None
     if any(rule.needs_trace for rule in config.rules) and example_inputs is not None:
-        graph = trace_modules(model, example_inputs, lambda m: isinstance(m, QuantModule) or type(m) in FLOAT_TYPES)
+        graph = trace_modules(model, example_inputs, lambda m: isinstance(m, QuantModule) or quantizable(m) is not None)
     for index, rule in enumerate(config.rules):
         with _rule_errors(index):
             _check_conflicts(model, graph, rule, kept, config.keep_float)
@@ -151,7 +143,7 @@ def name_quantizers(model: nn.Module) -> None:
 def summarize(model: nn.Module) -> QuantSummary:
     """Quantized layers, layers of quantizable type left float, and quantizers used by several inputs."""
     quantized = tuple(n for n, _ in quant_modules(model))
-    kept = tuple(n for n, m in model.named_modules() if type(m) in FLOAT_TYPES)
+    kept = tuple(n for n, m in model.named_modules() if n and quantizable(m) is not None)
     users: dict[str, list[str]] = {}
     for name, module in quant_modules(model):
         count = module.num_quantized_inputs or 1
@@ -163,25 +155,26 @@ def summarize(model: nn.Module) -> QuantSummary:
     return QuantSummary(quantized, kept, shared)
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
+def name_matches(name: str, patterns: Sequence[str]) -> bool:
+    """True when a module name or one of its parent names matches an fnmatch pattern: the one
+    meaning of include / exclude / keep_float patterns for every quantizer."""
     parts = name.split(".")
     prefixes = [".".join(parts[: k + 1]) for k in range(len(parts))]
     return any(fnmatchcase(p, pat) for pat in patterns for p in prefixes)
 
 
-def _quantized(module: nn.Module, config: QuantConfig) -> nn.Module:
-    a, w = config.activations, config.weights
-    if isinstance(module, nn.ConvTranspose2d):
-        return QuantConvTranspose2d.from_float(module, a, w)
-    if isinstance(module, nn.Conv2d):
-        return QuantConv2d.from_float(module, a, w)
-    if isinstance(module, nn.Linear):
-        return QuantLinear.from_float(module, a, w)
-    if isinstance(module, ops.Add):
-        return QuantAdd.from_float(module, a)
-    if isinstance(module, ops.Concat):
-        return QuantConcat.from_float(module, a)
-    raise QuantError(f"no quantized version of {type(module).__name__}")
+def keep_float_index(name: str, keep_float: Sequence[str]) -> int | None:
+    """Index of the first keep_float pattern that keeps `name` float, or None."""
+    return next((i for i, p in enumerate(keep_float) if name_matches(name, (p,))), None)
+
+
+def check_patterns(names: Sequence[str], config: QuantConfig) -> None:
+    """QuantConfigError (setting and index) for an include / exclude / keep_float pattern that
+    matches none of the module `names`."""
+    for kind, patterns in (("include", config.include), ("exclude", config.exclude), ("keep_float", config.keep_float)):
+        for index, pattern in enumerate(patterns):
+            if not any(name_matches(n, (pattern,)) for n in names):
+                raise QuantConfigError(f"{kind} pattern '{pattern}' matches no module", kind, index)
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -1,28 +1,40 @@
-"""The task adapter protocol: model inputs from samples, metric from outputs, pictures."""
+"""The task adapter protocol: model inputs from samples, predictions decoded from outputs, pictures.
+
+A task turns dataset samples into program inputs (`golden_inputs`, `batches`), and a batch's
+program outputs into per-sample predictions (`decode`) of its `prediction_kind`, which the case's
+metric (`harness.metrics`) scores against `targets(batch)`. Which backends can run the task's
+models follows from capabilities (`graphs`), never from backend names.
+"""
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 
-from harness.factory import resolve
+from harness.errors import HarnessError
+from harness.factory import FactoryError, resolve
 from harness.golden import GoldenFile
+from harness.registry import Registry
 
 if TYPE_CHECKING:
+    from harness.backends.registry import BackendInfo
     from harness.cases import Case
 
-TASKS: dict[str, str] = {
-    "segmentation": "harness.tasks.segmentation:SegmentationTask",
-    "detection3d": "harness.tasks.detection3d:Detection3DTask",
-    "tensors": "harness.tasks.tensors:TensorTask",
-    "lidar": "harness.tasks.lidar:LidarTask",
-}
+TASKS: Registry[type[TaskAdapter]] = Registry("task")
+for _name, _target in (("segmentation", "harness.tasks.segmentation:SegmentationTask"),
+                       ("detection3d", "harness.tasks.detection3d:Detection3DTask"),
+                       ("tensors", "harness.tasks.tensors:TensorTask"),
+                       ("lidar", "harness.tasks.lidar:LidarTask")):
+    TASKS.register(_name, _target)
+
+_GRAPHS = {"torch": "the PyTorch model", "onnx": "a standard ONNX export",
+           "scn": "NVIDIA's sparse-convolution (SCN) custom-op graph"}
 
 
 @dataclass(frozen=True)
@@ -32,27 +44,6 @@ class Batch:
     inputs: dict[str, torch.Tensor]
     targets: Any
     sample_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class MetricValues:
-    """The figures of one metric run; `primary` names the headline figure in `values`."""
-
-    values: dict[str, float]
-    primary: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-
-class MetricAccumulator(abc.ABC):
-    """Accumulates one backend's outputs over a dataset and computes the metric."""
-
-    @abc.abstractmethod
-    def update(self, outputs: Mapping[str, torch.Tensor], batch: Batch) -> None:
-        """Add the program outputs of one batch."""
-
-    @abc.abstractmethod
-    def compute(self) -> MetricValues:
-        """The metric over everything added so far."""
 
 
 Dataset = Sequence[Any]
@@ -67,6 +58,10 @@ class TaskAdapter(abc.ABC):
     #: whether dim 0 of a single-stage model's inputs is a batch dimension (False for LiDAR voxel
     #: lists, whose dim 0 counts voxels: exports and benchmarks then keep the shapes as they are)
     dynamic_batch: bool = True
+    #: the graphs this task's models can be run as (see `harness.backends.registry`)
+    graphs: ClassVar[frozenset[str]] = frozenset({"torch", "onnx"})
+    #: what `decode` returns per sample (a metric's `consumes`); None: no predictions, no metric
+    prediction_kind: ClassVar[str | None] = None
 
     def __init__(self, case: Case):
         self.case = case
@@ -95,22 +90,28 @@ class TaskAdapter(abc.ABC):
         by tensor name (e.g. NVIDIA's `in_features.torch.fp16` for the SCN engine). Default: none."""
         return {}
 
-    def unsupported_backends(self) -> Mapping[str, str]:
-        """Backends that cannot run this task's models at all, with the skip reason (e.g. a
-        graph of custom ops that ONNX Runtime has no kernels for). Default: none."""
-        return {}
-
-    def metric(self) -> MetricAccumulator | None:
-        """A fresh accumulator for the case's metric, or None when the task has none."""
+    def unsupported_reason(self, backend: BackendInfo, device: torch.device) -> str | None:
+        """Why `backend` cannot run this task's models on `device` (its graph kind is not one of
+        `graphs`), or None. Tasks may add reasons of their own (e.g. a missing CUDA build of a
+        library)."""
+        if backend.graph not in self.graphs:
+            runs = " or ".join(_GRAPHS.get(g, g) for g in sorted(self.graphs))
+            return (f"{backend.name} runs {_GRAPHS.get(backend.graph, backend.graph)}; "
+                    f"the {type(self).__name__} models run as {runs}")
         return None
 
-    def primary_metric(self) -> str | None:
-        """Name of the headline figure of this task's metric (None without a metric)."""
-        return None
+    def decode(self, outputs: Mapping[str, torch.Tensor], batch: Batch) -> list[Any]:
+        """Per-sample predictions (of `prediction_kind`) from a batch's program outputs."""
+        raise HarnessError(f"{type(self).__name__} decodes no predictions (it has no metric)")
 
-    def agreement(self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], batch: Batch) -> tuple[int, int] | None:
-        """How many task-level predictions of two backends agree on `batch`, out of how many
-        (e.g. argmax pixels); None when the task has no such notion."""
+    def targets(self, batch: Batch) -> Sequence[Any]:
+        """Per-sample targets of `batch`, in the order of `decode`'s predictions."""
+        return list(batch.targets)
+
+    def agreement(self, a: Sequence[Any], b: Sequence[Any], batch: Batch) -> tuple[int, int] | None:
+        """How many task-level predictions of two backends agree on `batch` (`a`, `b`: their
+        decoded per-sample predictions), out of how many (e.g. pixels); None when the task has
+        no such notion."""
         return None
 
     def pictures(self, batch: Batch, outputs: Mapping[str, Mapping[str, torch.Tensor]], out_dir: Path,
@@ -122,8 +123,18 @@ class TaskAdapter(abc.ABC):
 
 
 def task_class(name: str) -> type[TaskAdapter]:
-    """The adapter class for a task name ("segmentation", ...) or a "module:Class" spec."""
-    cls = resolve(TASKS.get(name, name))
-    if not (isinstance(cls, type) and issubclass(cls, TaskAdapter)):
+    """The adapter class for a task name ("segmentation", ...) or a "module:Class" spec.
+
+    Raises ValueError naming the task for unknown names, TypeError for specs naming something else.
+    """
+    if name in TASKS:
+        found: object = TASKS.get(name)
+    else:
+        try:
+            found = resolve(name)
+        except FactoryError as exc:
+            raise ValueError(f"unknown task '{name}' (known: {', '.join(TASKS.names())}; or 'module:Class'): "
+                             f"{exc}") from exc
+    if not (isinstance(found, type) and issubclass(found, TaskAdapter)):
         raise TypeError(f"task '{name}' does not name a TaskAdapter subclass")
-    return cls
+    return found

@@ -3,10 +3,11 @@
 Samples are `harness.datasets.scenes.SceneSample`s (six RGB images, the camera rig, ground-truth
 `Box3D`s with `num_pts`). The program input `image` is one sample's six images, normalised as
 FastBEV expects ((x - IMAGE_MEAN) / IMAGE_STD on 0..255 RGB) and stacked channels-first,
-[B*6, 3, H, W] for a batch of B samples. The program's outputs are the seed post graph's
-`cls_score` [B, K, 10], `bbox_pred` [B, K, 9] (decoded, bottom z) and `dir_cls_preds` [B, K];
-`harness.zoo.fastbev.postprocess` (CUDA-FastBEV's CPU scale-NMS) turns each sample's rows into
-boxes, and `harness.metrics.nds.evaluate` scores all samples of the split at once.
+[B*6, 3, H, W] for a batch of B samples. What the program outputs is the model's business: the
+case names a decoder (`task_args: {decoder: "module:Class", decoder_args: {...}}`, e.g.
+`harness.zoo.fastbev:AnchorRowDecoder`, CUDA-FastBEV's CPU scale-NMS over the seed post graph's
+rows) that turns one sample's outputs into `Detections`; `decode` gives the `nds` metric
+(`harness.metrics.nds`) box lists with mmdet3d's attributes.
 
 Predicted attributes follow mmdet3d's nuScenes formatting (FastBEV's evaluation): a box moving
 faster than 0.2 m/s is `vehicle.moving` (cars, trucks, buses, trailers, construction vehicles)
@@ -21,23 +22,37 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from harness.errors import HarnessError, MetricError
-from harness.metrics import nds
-from harness.tasks.base import Batch, Dataset, MetricAccumulator, MetricValues, TaskAdapter
-from harness.zoo.fastbev import CLASSES, IMAGE_MEAN, IMAGE_STD, Detections, NMSConfig, postprocess
+from harness.errors import HarnessError
+from harness.factory import FactoryError, resolve
+from harness.metrics.nds import DETECTION_CLASSES
+from harness.tasks.base import Batch, Dataset, TaskAdapter
 
 if TYPE_CHECKING:
     from harness.cases import Case
 
+CLASSES = DETECTION_CLASSES
 OUTPUT_NAMES: tuple[str, ...] = ("cls_score", "bbox_pred", "dir_cls_preds")
+IMAGE_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
+IMAGE_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
+"""FastBEV's `img_norm_cfg` on 0..255 RGB (mmdet's ImageNet statistics)."""
+_TASK_ARGS = frozenset({"decoder", "decoder_args"})
+CAMERAS: tuple[str, ...] = (
+    "CAM_FRONT",
+    "CAM_FRONT_RIGHT",
+    "CAM_FRONT_LEFT",
+    "CAM_BACK",
+    "CAM_BACK_LEFT",
+    "CAM_BACK_RIGHT",
+)
+"""Camera names in the order images and matrices are stacked (nuScenes)."""
 AGREEMENT_DISTANCE = 1.0
 """Two backends' boxes agree when they have the same class and centres closer than this (m)."""
 PICTURE_SCORE = 0.3
@@ -78,6 +93,46 @@ def denormalize(images: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
     x = images.transpose(0, 2, 3, 1) * np.asarray(IMAGE_STD, np.float32)
     x += np.asarray(IMAGE_MEAN, np.float32)
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+FloatArray = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Final boxes of one sample (numpy): centre z, sizes (w, l, h), labels index `classes`."""
+
+    center: FloatArray
+    size: FloatArray
+    yaw: FloatArray
+    velocity: FloatArray
+    score: FloatArray
+    label: npt.NDArray[np.int64]
+    classes: tuple[str, ...] = field(default=CLASSES)
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    def to_boxes(self) -> list[dict[str, Any]]:
+        """Boxes as `harness.metrics.nds` mappings (attribute '')."""
+        return [
+            {
+                "label": self.classes[int(self.label[i])],
+                "center": [float(v) for v in self.center[i]],
+                "size": [float(v) for v in self.size[i]],
+                "yaw": float(self.yaw[i]),
+                "velocity": [float(v) for v in self.velocity[i]],
+                "attribute": "",
+                "score": float(self.score[i]),
+            }
+            for i in range(len(self))
+        ]
+
+
+class Decoder(Protocol):
+    """Turns sample `index` of a batch's program outputs (numpy) into final boxes."""
+
+    def __call__(self, outputs: Mapping[str, np.ndarray], index: int) -> Detections: ...
 
 
 def predicted_attribute(label: str, velocity: Sequence[float]) -> str:
@@ -121,20 +176,6 @@ def ground_truth_boxes(boxes: Sequence[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def check_finite(sample: str, boxes: Sequence[Mapping[str, Any]], source: str = "predicted") -> None:
-    """MetricError naming the sample, the box and the field of the first box with NaN or Inf."""
-    for k, box in enumerate(boxes):
-        for key in ("center", "size", "yaw", "velocity", "score"):
-            if key not in box:
-                continue
-            values = np.asarray(box[key], dtype=np.float64)
-            if not np.isfinite(values).all():
-                raise MetricError(
-                    f"sample {sample!r}: {source} box {k} ({box.get('label')}) has a non-finite "
-                    f"{key} {np.asarray(values).tolist()}"
-                )
-
-
 @dataclass(frozen=True)
 class Detection3DTarget:
     """What the metric and the pictures need of one sample."""
@@ -144,97 +185,38 @@ class Detection3DTarget:
     lidar2img: npt.NDArray[np.float32]
 
 
-def _sample_rows(outputs: Mapping[str, torch.Tensor], index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    missing = [n for n in OUTPUT_NAMES if n not in outputs]
-    if missing:
-        raise HarnessError(f"detection3d: the program produced no {missing} (got {sorted(outputs)})")
-    cls_score, bbox_pred, dir_cls_preds = (outputs[n][index].detach().cpu().numpy() for n in OUTPUT_NAMES)
-    return cls_score, bbox_pred, dir_cls_preds
-
-
-class Detection3DMetric(MetricAccumulator):
-    """nuScenes NDS / mAP over every sample added (boxes accumulated per sample token)."""
-
-    def __init__(self, nms: NMSConfig, classes: Sequence[str] | None, filter_range: bool):
-        self.nms = nms
-        self.classes = None if classes is None else tuple(classes)
-        self.filter_range = filter_range
-        self.gt: dict[str, list[dict[str, Any]]] = {}
-        self.pred: dict[str, list[dict[str, Any]]] = {}
-
-    def update(self, outputs: Mapping[str, torch.Tensor], batch: Batch) -> None:
-        """Postprocess each sample's rows into boxes, check them, and keep them by token."""
-        for b, target in enumerate(batch.targets):
-            if target.token in self.pred:
-                raise MetricError(f"sample {target.token!r} was added twice")
-            boxes = prediction_boxes(postprocess(*_sample_rows(outputs, b), self.nms))
-            check_finite(target.token, boxes)
-            self.pred[target.token] = boxes
-            self.gt[target.token] = ground_truth_boxes(target.boxes)
-
-    def compute(self) -> MetricValues:
-        """NDS (primary), mAP and the mean TP errors; per-class AP and TP errors in details."""
-        if not self.pred:
-            raise MetricError("no samples were added to the NDS metric")
-        result = nds.evaluate(self.gt, self.pred, classes=self.classes, filter_range=self.filter_range)
-        full = result.to_dict()
-        values = {key: float(full[key]) for key in ("NDS", "mAP", "mATE", "mASE", "mAOE", "mAVE", "mAAE")}
-        return MetricValues(
-            values=values,
-            primary="NDS",
-            details={
-                "per_class": {name: m.ap for name, m in result.per_class.items()},
-                "per_class_title": "AP per class",
-                "classes": full["classes"],
-                "samples": len(self.pred),
-                "predictions": sum(len(v) for v in self.pred.values()),
-            },
-        )
-
-
-def nms_config(args: Mapping[str, Any]) -> NMSConfig:
-    """`NMSConfig` from YAML-style keyword arguments (lists become tuples); ValueError names
-    unknown keys, HarnessError invalid values."""
-    known = {f.name for f in fields(NMSConfig)}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise ValueError(f"unknown nms argument(s) {unknown}; known: {sorted(known)}")
-    kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
-    return NMSConfig(**kwargs)
-
-
 class Detection3DTask(TaskAdapter):
-    """Six-camera images in, the seed's top-k rows out, NDS against the scene's boxes.
+    """Six-camera images in, the model's outputs decoded by the case's decoder into boxes.
 
-    Metric args: `classes` (default: the 10 nuScenes classes), `filter_range` (the devkit's
-    class ranges, default true), `nms` (fields of `harness.zoo.fastbev.NMSConfig`, e.g.
-    `{score_thr: 0.05, max_num: 500}`).
+    task_args: `decoder` ("module:Class", required for metrics and agreement: called with
+    `decoder_args` once, then with (outputs, sample index) per sample), `decoder_args`.
+    Predictions are "boxes3d": per sample, `harness.metrics.nds` box mappings.
     """
 
     input_names = ("image",)
     output_names = OUTPUT_NAMES
-    _METRIC_ARGS = frozenset({"classes", "filter_range", "nms"})
+    prediction_kind = "boxes3d"
 
     def __init__(self, case: Case):
         super().__init__(case)
-        metric = case.spec.metric
-        args = dict(metric.args) if metric else {}
-        if metric is not None and metric.name != "nds":
-            raise case.error(f"the detection3d task computes 'nds', not '{metric.name}'", "metric", "name")
-        unknown = sorted(set(args) - self._METRIC_ARGS)
+        args = case.spec.task_args
+        unknown = sorted(set(args) - _TASK_ARGS)
         if unknown:
-            raise case.error(f"unknown metric argument(s) {unknown}; known: {sorted(self._METRIC_ARGS)}",
-                             "metric", "args")
-        classes = args.get("classes")
-        bad = [c for c in classes or () if c not in CLASSES]
-        if bad:
-            raise case.error(f"unknown class(es) {bad}; known: {list(CLASSES)}", "metric", "args", "classes")
-        self.classes: tuple[str, ...] | None = None if classes is None else tuple(classes)
-        self.filter_range = bool(args.get("filter_range", True))
+            raise case.error(f"unknown detection3d task option '{unknown[0]}'; known: {sorted(_TASK_ARGS)}",
+                             "task_args", unknown[0])
+        self.decoder: Decoder | None = None
+        spec = args.get("decoder")
+        if spec is None:
+            if case.spec.metric is not None:
+                raise case.error("the detection3d task needs a decoder (task_args.decoder: \"module:Class\") "
+                                 "to turn outputs into boxes for the metric", "task_args")
+            return
         try:
-            self.nms = nms_config(args.get("nms") or {})
-        except (ValueError, TypeError, HarnessError) as exc:
-            raise case.error(str(exc), "metric", "args", "nms") from exc
+            self.decoder = resolve(str(spec))(**dict(args.get("decoder_args") or {}))
+        except FactoryError as exc:
+            raise case.error(str(exc), "task_args", "decoder") from exc
+        except (TypeError, ValueError, HarnessError) as exc:
+            raise case.error(f"{spec} rejected its arguments: {exc}", "task_args", "decoder_args") from exc
 
     def golden_inputs(self, dataset: Dataset, count: int) -> dict[str, torch.Tensor]:
         """The first sample's images (the staged model runs each stage once per sample)."""
@@ -251,25 +233,30 @@ class Detection3DTask(TaskAdapter):
             targets = tuple(Detection3DTarget(s.token, tuple(s.boxes), np.asarray(s.lidar2img)) for s in samples)
             yield Batch({"image": torch.from_numpy(preprocess(images))}, targets, tuple(t.token for t in targets))
 
-    def metric(self) -> MetricAccumulator:
-        """A fresh NDS accumulator."""
-        return Detection3DMetric(self.nms, self.classes, self.filter_range)
-
-    def primary_metric(self) -> str:
-        """NDS is the headline figure."""
-        return "NDS"
-
     def detections(self, outputs: Mapping[str, torch.Tensor], index: int) -> Detections:
-        """Final boxes of sample `index` of a batch's outputs (the metric's postprocess)."""
-        return postprocess(*_sample_rows(outputs, index), self.nms)
+        """Final boxes of sample `index` of a batch's outputs (the case's decoder)."""
+        if self.decoder is None:
+            raise HarnessError(f"{self.case.path}: task_args.decoder is not set; the detection3d task cannot "
+                               "decode boxes without it")
+        arrays = {k: v.detach().cpu().numpy() for k, v in outputs.items()}
+        return self.decoder(arrays, index)
 
-    def agreement(self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], batch: Batch) -> tuple[int, int]:
-        """Boxes of two backends that match (same class, centres closer than AGREEMENT_DISTANCE,
-        one to one, greedily by descending score), out of all boxes of either (matched pairs
-        counted once): identical box sets give 1, disjoint ones 0."""
+    def decode(self, outputs: Mapping[str, torch.Tensor], batch: Batch) -> list[list[dict[str, Any]]]:
+        """Per sample: the decoded boxes as `harness.metrics.nds` mappings with mmdet3d's attributes."""
+        return [prediction_boxes(self.detections(outputs, k)) for k in range(len(batch.targets))]
+
+    def targets(self, batch: Batch) -> list[list[dict[str, Any]]]:
+        """Per sample: the ground-truth boxes as `harness.metrics.nds` mappings."""
+        return [ground_truth_boxes(t.boxes) for t in batch.targets]
+
+    def agreement(self, a: Sequence[Sequence[Mapping[str, Any]]], b: Sequence[Sequence[Mapping[str, Any]]],
+                  batch: Batch) -> tuple[int, int]:
+        """Decoded boxes of two backends that match (same class, centres closer than
+        AGREEMENT_DISTANCE, one to one, greedily by descending score), out of all boxes of either
+        (matched pairs counted once): identical box sets give 1, disjoint ones 0."""
         agree = total = 0
-        for k in range(len(batch.targets)):
-            da, db = self.detections(a, k), self.detections(b, k)
+        for boxes_a, boxes_b in zip(a, b, strict=True):
+            da, db = detections_of(boxes_a), detections_of(boxes_b)
             matched = match_count(da, db, AGREEMENT_DISTANCE)
             agree += matched
             total += len(da) + len(db) - matched
@@ -290,6 +277,15 @@ class Detection3DTask(TaskAdapter):
             written.append(camera_plot(images[k * ncam:(k + 1) * ncam], target.lidar2img, target.boxes, dets,
                                             out_dir / f"{stem}-cameras.png", target.token))
         return written
+
+
+def detections_of(boxes: Sequence[Mapping[str, Any]]) -> Detections:
+    """`harness.metrics.nds` box mappings (with scores) as `Detections` arrays."""
+    index = {name: i for i, name in enumerate(CLASSES)}
+    def rows(key: str, width: int) -> FloatArray:
+        return np.asarray([b[key] for b in boxes], dtype=np.float64).reshape(len(boxes), width)
+    return Detections(rows("center", 3), rows("size", 3), rows("yaw", 1)[:, 0], rows("velocity", 2),
+                      rows("score", 1)[:, 0], np.asarray([index[b["label"]] for b in boxes], dtype=np.int64))
 
 
 def match_count(a: Detections, b: Detections, distance: float) -> int:
@@ -388,8 +384,6 @@ def camera_plot(images: npt.NDArray[np.uint8], lidar2img: npt.NDArray[Any], gt: 
     `lidar2img` (N, 4, 4): ground truth thin green, each backend in its colour."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from harness.datasets.scenes import CAMERAS
 
     ncam, height, width = images.shape[:3]
     cols = min(3, ncam)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from harness.golden import GoldenFile
 from harness.tasks.base import Batch, Dataset, TaskAdapter
 
 if TYPE_CHECKING:
+    from harness.backends.registry import BackendInfo
     from harness.cases import Case
 
 IndexOrder = Literal["zyx", "xyz"]
@@ -44,9 +45,6 @@ INDEX_ORDERS: tuple[IndexOrder, ...] = ("zyx", "xyz")
 _TASK_ARGS = frozenset({"index_order"})
 
 CUSTOM_OPS = "the SCN graph uses NVIDIA's custom SparseConvolution/ScatterDense ops"
-ORT_REASON = f"{CUSTOM_OPS}: ONNX Runtime has no kernels for them (use scn-ref / scn-ref-int8)"
-TRT_REASON = (f"{CUSTOM_OPS}: TensorRT needs NVIDIA's 3DSparseConvolution plugin / libspconv, which "
-              "qharness does not drive (use scn-ref / scn-ref-int8)")
 
 
 def index_order(case: Case) -> IndexOrder:
@@ -72,6 +70,7 @@ class LidarTask(TaskAdapter):
     input_names = ("features", "indices")
     output_names = ("dense",)
     dynamic_batch = False
+    graphs: ClassVar[frozenset[str]] = frozenset({"torch", "scn"})
 
     def __init__(self, case: Case):
         super().__init__(case)
@@ -155,9 +154,14 @@ class LidarTask(TaskAdapter):
             "dense": GoldenFile(scn_golden.OUTPUT, np.dtype(np.float16)),
         }
 
-    def unsupported_backends(self) -> Mapping[str, str]:
-        """ONNX Runtime and TensorRT: custom ops; torch-fp16 when spconv has no CUDA kernels."""
-        reasons = {"ort-fp32": ORT_REASON, "ort-int8": ORT_REASON, "trt-fp16": TRT_REASON, "trt-int8": TRT_REASON}
-        if spconv_cpu_only():
-            reasons["torch-fp16"] = "torch-fp16 needs spconv's CUDA kernels: the installed spconv is a CPU-only build"
-        return reasons
+    def unsupported_reason(self, backend: BackendInfo, device: torch.device) -> str | None:
+        """Backends of standard ONNX graphs cannot run the custom ops; PyTorch on CUDA (a CUDA-only
+        backend, or any under `--device cuda`) needs spconv's CUDA kernels, which the CPU-only
+        spconv wheel lacks."""
+        if backend.graph == "onnx":
+            return (f"{CUSTOM_OPS}: {backend.name} has no kernels for them (NVIDIA's 3DSparseConvolution "
+                    "engine runs them; qharness checks that graph with its scn backends)")
+        if backend.graph == "torch" and (backend.needs_cuda or device.type == "cuda") and spconv_cpu_only():
+            return (f"{backend.name} on CUDA needs spconv's CUDA kernels: the installed spconv is a CPU-only "
+                    "build (pip install the spconv-cu1xx wheel matching your CUDA, or run with --device cpu)")
+        return super().unsupported_reason(backend, device)

@@ -11,13 +11,47 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from harness.datasets.roads import CLASS_NAMES, colorize
 from harness.errors import HarnessError
-from harness.metrics.miou import MeanIoU
-from harness.tasks.base import Batch, Dataset, MetricAccumulator, MetricValues, TaskAdapter
+from harness.tasks.base import Batch, Dataset, TaskAdapter
 
 if TYPE_CHECKING:
-    from harness.cases import Case
+    pass
+
+PALETTE: npt.NDArray[np.uint8] = np.array(
+    [
+        (128, 64, 128),
+        (244, 35, 232),
+        (70, 70, 70),
+        (102, 102, 156),
+        (190, 153, 153),
+        (153, 153, 153),
+        (250, 170, 30),
+        (220, 220, 0),
+        (107, 142, 35),
+        (152, 251, 152),
+        (70, 130, 180),
+        (220, 20, 60),
+        (255, 0, 0),
+        (0, 0, 142),
+        (0, 0, 70),
+        (0, 60, 100),
+        (0, 80, 100),
+        (0, 0, 230),
+        (119, 11, 32),
+    ],
+    dtype=np.uint8,
+)
+"""Cityscapes colour of each train id."""
+PALETTE.setflags(write=False)
+
+
+def colorize(label: npt.NDArray[np.integer]) -> npt.NDArray[np.uint8]:
+    """(H, W) train-id label map -> (H, W, 3) uint8 Cityscapes colours; 255 (and any other value
+    outside the 19 classes) is black."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[:len(PALETTE)] = PALETTE
+    return lut[np.asarray(label).astype(np.uint8)]
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,60 +83,17 @@ def postprocess(logits: npt.NDArray[np.floating], size: tuple[int, int]) -> npt.
     return labels
 
 
-class SegmentationMetric(MetricAccumulator):
-    """mIoU of logits (upsampled to label size, argmax) against the batch's label maps."""
-
-    def __init__(self, num_classes: int, ignore_index: int, class_names: Sequence[str]):
-        self.miou = MeanIoU(num_classes, ignore_index=ignore_index)
-        self.class_names = tuple(class_names)
-
-    def update(self, outputs: Mapping[str, torch.Tensor], batch: Batch) -> None:
-        """Score one batch of `logits` against its labels."""
-        labels = np.asarray(batch.targets)
-        preds = postprocess(outputs["logits"].detach().cpu().numpy(), labels.shape[-2:])
-        for pred, label, sample in zip(preds, labels, batch.sample_ids, strict=True):
-            self.miou.update(pred, label, sample=f"sample {sample}")
-
-    def compute(self) -> MetricValues:
-        """miou (primary), pixel_acc, mean_acc; per-class IoU in details (NaN: class absent)."""
-        result = self.miou.compute()
-        per_class = {name: float(v) for name, v in zip(self.class_names, result.iou, strict=True)}
-        return MetricValues(
-            values={"miou": result.miou, "pixel_acc": result.pixel_acc, "mean_acc": result.mean_acc},
-            primary="miou",
-            details={"per_class": per_class, "per_class_title": "IoU per class"},
-        )
-
-
 class SegmentationTask(TaskAdapter):
-    """Images in (ImageNet-normalised NCHW float32), `logits` out, mIoU against label maps.
+    """Images in (ImageNet-normalised NCHW float32), `logits` out, label maps as predictions.
 
     Datasets yield samples with `image` (H, W, 3) uint8 RGB and `label` (H, W) integer ids
-    (`ignore_index` for void). Metric args: `num_classes` (19), `ignore_index` (255),
-    `class_names` (default: the 19 Cityscapes train classes when num_classes is 19).
+    (`ignore_index` for void). `decode` upsamples the logits to the label size and takes the
+    argmax: per-sample "label_map" predictions for the `miou` metric.
     """
 
     input_names = ("image",)
     output_names = ("logits",)
-    _METRIC_ARGS = frozenset({"num_classes", "ignore_index", "class_names"})
-
-    def __init__(self, case: Case):
-        super().__init__(case)
-        metric = case.spec.metric
-        args = dict(metric.args) if metric else {}
-        if metric is not None and metric.name != "miou":
-            raise case.error(f"the segmentation task computes 'miou', not '{metric.name}'", "metric", "name")
-        unknown = sorted(set(args) - self._METRIC_ARGS)
-        if unknown:
-            raise case.error(f"unknown metric argument(s) {unknown}; known: {sorted(self._METRIC_ARGS)}",
-                             "metric", "args")
-        self.num_classes = int(args.get("num_classes", 19))
-        self.ignore_index = int(args.get("ignore_index", 255))
-        names = args.get("class_names") or (CLASS_NAMES if self.num_classes == len(CLASS_NAMES) else None)
-        self.class_names = tuple(names) if names else tuple(str(i) for i in range(self.num_classes))
-        if len(self.class_names) != self.num_classes:
-            raise case.error(f"{len(self.class_names)} class names for {self.num_classes} classes",
-                             "metric", "args", "class_names")
+    prediction_kind = "label_map"
 
     def golden_inputs(self, dataset: Dataset, count: int) -> dict[str, torch.Tensor]:
         """The first `count` images, preprocessed, as one batch."""
@@ -117,19 +108,14 @@ class SegmentationTask(TaskAdapter):
             ids = tuple(str(getattr(s, "index", start + k)) for k, s in enumerate(samples))
             yield Batch({"image": torch.from_numpy(preprocess(images))}, labels, ids)
 
-    def metric(self) -> MetricAccumulator:
-        """A fresh mIoU accumulator."""
-        return SegmentationMetric(self.num_classes, self.ignore_index, self.class_names)
+    def decode(self, outputs: Mapping[str, torch.Tensor], batch: Batch) -> list[np.ndarray]:
+        """Label maps at the targets' resolution (bilinear upsampling, then argmax)."""
+        labels = np.asarray(batch.targets)
+        return list(postprocess(_logits(outputs), labels.shape[-2:]))
 
-    def primary_metric(self) -> str:
-        """mIoU is the headline figure."""
-        return "miou"
-
-    def agreement(self, a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], batch: Batch) -> tuple[int, int]:
-        """Pixels (at label resolution, void included) whose predicted class is the same in both."""
-        size = np.asarray(batch.targets).shape[-2:]
-        pa = postprocess(a["logits"].detach().cpu().numpy(), size)
-        pb = postprocess(b["logits"].detach().cpu().numpy(), size)
+    def agreement(self, a: Sequence[np.ndarray], b: Sequence[np.ndarray], batch: Batch) -> tuple[int, int]:
+        """Pixels (at label resolution, void included) whose decoded class is the same in both."""
+        pa, pb = np.stack(list(a)), np.stack(list(b))
         return int((pa == pb).sum()), int(pa.size)
 
     def pictures(self, batch: Batch, outputs: Mapping[str, Mapping[str, torch.Tensor]], out_dir: Path,
@@ -140,7 +126,7 @@ class SegmentationTask(TaskAdapter):
 
         labels = np.asarray(batch.targets)
         images = _denormalize(batch.inputs["image"].numpy())
-        preds = {name: postprocess(o["logits"].detach().cpu().numpy(), labels.shape[-2:]) for name, o in outputs.items()}
+        preds = {name: postprocess(_logits(o), labels.shape[-2:]) for name, o in outputs.items()}
         reference = preds.get("float")
         written = []
         for k, sample in enumerate(batch.sample_ids):
@@ -156,6 +142,13 @@ class SegmentationTask(TaskAdapter):
             Image.fromarray(np.concatenate(panels, axis=1)).save(path)
             written.append(path)
         return written
+
+
+def _logits(outputs: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """The `logits` output as a numpy array; HarnessError naming the outputs it got otherwise."""
+    if "logits" not in outputs:
+        raise HarnessError(f"segmentation: the program produced no 'logits' (got {sorted(outputs)})")
+    return outputs["logits"].detach().cpu().numpy()
 
 
 def _denormalize(images: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from harness.cases import load_case
+from harness.context import CaseContext, RunOptions
 from harness.errors import HarnessError
 from harness.factory import resolve
-from harness.session import CaseRun, RunOptions
 
 
 def _device(choice: str) -> torch.device:
@@ -43,7 +43,7 @@ def recipe(case_training: dict[str, Any], args: argparse.Namespace) -> dict[str,
 def train_case(args: argparse.Namespace) -> int:
     """Train the model of `args.case`; returns the process exit status."""
     case = load_case(args.case, profile=args.profile)
-    run = CaseRun(case, RunOptions.default(case.root))
+    run = CaseContext(case, RunOptions.default(case.root))
     model_spec = case.spec.model
     factory = resolve(model_spec.factory)
     kwargs = recipe(case.spec.training, args)

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from harness.atomic import write_json_atomic
 from harness.errors import HarnessError
 from harness.metrics import nds
-from harness.tasks.detection3d import ground_truth_boxes, nms_config, prediction_boxes
+from harness.tasks.detection3d import ground_truth_boxes, prediction_boxes
 from harness.training.common import (
     CHECKPOINT,
     SUMMARY,
@@ -63,6 +63,7 @@ from harness.zoo.fastbev import (
     LossTargets,
     NMSConfig,
     loss_targets,
+    nms_config,
     normalize_images,
     postprocess,
     view_transform,

@@ -8,9 +8,9 @@ from typing import Any
 
 from harness.cache import file_sha256
 from harness.cases import Case
+from harness.context import regenerate_command
 from harness.errors import HarnessError
 from harness.golden import GoldenStore
-from harness.session import regenerate_command
 
 _DROPPED = ("history",)
 

@@ -39,6 +39,7 @@ from harness.zoo.ops import Concat
 from harness.zoo.resnet import ResNet
 
 __all__ = [
+    "PROFILES",
     "SECOND",
     "SECONDFPN",
     "BEVFusionCamera",
@@ -51,6 +52,7 @@ __all__ = [
     "GeneralizedLSSFPN",
     "bev_pool",
     "bevfusion_camera_r50",
+    "bevfusion_config",
     "depth_bins",
     "frustum_geometry",
 ]
@@ -401,8 +403,9 @@ def frustum_geometry(
     Frustum points as BEVFusion's: feature column j sits at image x `j*(W-1)/(fW-1)` (rows
     likewise), at each depth of `depth_bins(dbound)`; lifted to the lidar frame by inverting
     `lidar2img` [N, 4, 4] (image pixels, any image augmentation folded in). Cells are
-    `floor((p - lo) / step)` per axis (BEVFusion truncates toward zero instead, which also keeps
-    points up to one cell below `lo`).
+    `(p - lo) / step` truncated toward zero per axis, as BEVFusion's `.long()` and CUDA-BEVFusion's
+    integer cast do: a point less than one cell below `lo` lands in cell 0 (flooring would drop
+    it), so the first cell of each axis gathers up to twice the volume of the others.
     """
     if lidar2img.dim() != 3 or tuple(lidar2img.shape[1:]) != (4, 4):
         raise HarnessError(
@@ -422,7 +425,7 @@ def frustum_geometry(
     inside = torch.ones(points.shape[:-1], dtype=torch.bool, device=device)
     for axis, bound in ((2, zbound), (0, xbound), (1, ybound)):
         n = _bins(bound)
-        cell = torch.floor((points[..., axis] - float(bound[0])) / float(bound[2])).to(torch.int64)
+        cell = torch.trunc((points[..., axis] - float(bound[0])) / float(bound[2])).to(torch.int64)
         inside &= (cell >= 0) & (cell < n)
         index = index * n + cell.clamp(0, n - 1)
     return torch.where(inside, index, torch.full_like(index, -1))
@@ -603,6 +606,19 @@ def _as_config_value(value: Any) -> Any:
     return value
 
 
+PROFILES: tuple[str, ...] = tuple(sorted(_PROFILES))
+"""Names of the built-in configurations."""
+
+
+def bevfusion_config(profile: str) -> BEVFusionConfig:
+    """The `BEVFusionConfig` of a built-in profile ('full': CUDA-BEVFusion's, 'ci': reduced)."""
+    if profile not in _PROFILES:
+        raise HarnessError(
+            f"bevfusion_camera_r50: unknown profile {profile!r}; choose one of {list(PROFILES)}"
+        )
+    return _PROFILES[profile]
+
+
 def bevfusion_camera_r50(profile: str = "full", seed: int = 0, **overrides: Any) -> BEVFusionCamera:
     """BEVFusion camera branch + fuser + decoder in eval mode with seeded random weights.
 
@@ -611,17 +627,14 @@ def bevfusion_camera_r50(profile: str = "full", seed: int = 0, **overrides: Any)
     structure at 6x3x64x192, 15 depth bins, 32x32 -> 16x16 BEV and narrow widths. Keyword
     overrides replace `BEVFusionConfig` fields.
     """
-    if profile not in _PROFILES:
-        raise HarnessError(
-            f"bevfusion_camera_r50: unknown profile {profile!r}; choose one of {sorted(_PROFILES)}"
-        )
+    base = bevfusion_config(profile)
     known = {f.name for f in fields(BEVFusionConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise HarnessError(
             f"bevfusion_camera_r50: unknown argument(s) {unknown}; BEVFusionConfig fields are {sorted(known)}"
         )
-    config = replace(_PROFILES[profile], **{k: _as_config_value(v) for k, v in overrides.items()})
+    config = replace(base, **{k: _as_config_value(v) for k, v in overrides.items()})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BEVFusionCamera(config)

@@ -16,8 +16,10 @@ The wrapped model's own parts are registered first under their BEVFusion names (
 `fuser`, `decoder`), so module names, quantization patterns and rules read as in the deployment
 guide (`encoders.camera.backbone.layer3.0.conv1`, `decoder.neck.deblocks.1.0`); the stage
 modules reach the same layers (PyTorch lists each module once, under its first name). The
-state dict therefore holds every parameter under several prefixes: load BEVFusion weights into
-the wrapped model (`.model`), not into the wrapper.
+stage modules' paths to those layers (`camera_backbone.model.encoders...`) are aliases: the
+wrapper's `state_dict` leaves them out, and `load_state_dict` fills them from the BEVFusion
+names, so the wrapper's state dict is exactly a `BEVFusionCamera`'s and a plain BEVFusion camera
+state dict (e.g. from `qharness convert cuda-bevfusion-r50`) loads with `strict=True`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ from harness.zoo.bevfusion import (
     bevfusion_camera_r50,
 )
 
-__all__ = ["INPUT_NAMES", "BEVFusionStaged", "bevfusion_camera_staged"]
+__all__ = ["INPUT_NAMES", "STAGE_NAMES", "BEVFusionStaged", "bevfusion_camera_staged"]
+
+STAGE_NAMES = ("camera_backbone", "camera_vtransform", "fuser_decoder")
+"""The stage modules; each reaches the wrapped model as `<stage>.model`."""
+_MODEL_PARTS = ("encoders.", "fuser.", "decoder.")
 
 INPUT_NAMES = ("img", "depth", "lidar2img", "lidar_bev")
 """Program inputs: img [B, N, 3, H, W], depth [B, N, 1, H, W], lidar2img [B, N, 4, 4] (image
@@ -58,6 +64,8 @@ class BEVFusionStaged(nn.Module):
         self.camera_vtransform = BEVFusionVTransformStage(model)
         self.fuser_decoder = BEVFusionFuserStage(model)
         self.train(model.training)
+        self.register_state_dict_post_hook(_drop_stage_aliases)  # type: ignore[no-untyped-call]
+        self.register_load_state_dict_pre_hook(_fill_stage_aliases)  # type: ignore[no-untyped-call]
 
     @property
     def model(self) -> BEVFusionCamera:
@@ -112,6 +120,27 @@ class BEVFusionStaged(nn.Module):
         result = stage(*[feeds[n] for n in stage.input_names])
         values = (result,) if isinstance(result, torch.Tensor) else tuple(result)
         return dict(zip(stage.output_names, values, strict=True))
+
+
+def _drop_stage_aliases(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    """state_dict post-hook: remove the stage modules' aliases of the model's entries."""
+    aliases = tuple(f"{prefix}{stage}." for stage in STAGE_NAMES)
+    for key in [k for k in state_dict if k.startswith(aliases)]:
+        del state_dict[key]
+
+
+def _fill_stage_aliases(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
+) -> None:
+    """load_state_dict pre-hook: give each stage module's alias the entry of the model part it
+    names (entries already present, as in state dicts written before the aliases were dropped,
+    are kept)."""
+    parts = tuple(prefix + part for part in _MODEL_PARTS)
+    for key in [k for k in state_dict if k.startswith(parts)]:
+        for stage in STAGE_NAMES:
+            state_dict.setdefault(f"{prefix}{stage}.model.{key[len(prefix):]}", state_dict[key])
 
 
 def bevfusion_camera_staged(profile: str = "full", seed: int = 0, **overrides: Any) -> BEVFusionStaged:

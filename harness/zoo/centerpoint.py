@@ -19,81 +19,31 @@ pointers between threads), so `conv_forward` runs spconv's CPU kernels on one th
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import spconv.pytorch as spconv
 import torch
-from cumm import tensorview as tv
 from spconv.pytorch.conv import SparseConvolution
 from torch import nn
 
 from harness.datasets.lidar import LidarSweeps
 from harness.errors import HarnessError
+from harness.export.custom import SCN_SYMBOLICS, symbolic_add
+from harness.quant.sparse import register_bn_folder
+from harness.quant.spconv_ops import RELU, conv_forward
 from harness.zoo.ops import Add
 
 M = TypeVar("M", bound=nn.Module)
 
-RELU = tv.gemm.Activation.ReLU
-NO_ACT = tv.gemm.Activation.None_
 
 RANGE_LOW = (-54.0, -54.0, -5.0)
 """Lower corner (x, y, z) of nuScenes' point cloud range, which every grid here spans."""
 FULL_GRID = (41, 1440, 1440)
 CI_GRID = (41, 180, 180)
 WIDTHS = (16, 32, 64, 128)
-
-
-def apply_activation(x: torch.Tensor, act_type: Any, alpha: float = 0.0) -> torch.Tensor:
-    """Apply spconv's fused activation `act_type` (None_, ReLU, Sigmoid, LeakyReLU) to `x`."""
-    if act_type == NO_ACT:
-        return x
-    if act_type == RELU:
-        return torch.relu(x)
-    if act_type == tv.gemm.Activation.Sigmoid:
-        return torch.sigmoid(x)
-    if act_type == tv.gemm.Activation.LeakyReLU:
-        return torch.nn.functional.leaky_relu(x, alpha)
-    raise HarnessError(f"unsupported spconv activation {act_type}")
-
-
-@contextmanager
-def _one_thread(on_cpu: bool) -> Iterator[None]:
-    """Run the body with one intra-op thread when `on_cpu` (spconv's CPU scatter-add races)."""
-    if not on_cpu:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def conv_forward(
-    conv: SparseConvolution,
-    x: spconv.SparseConvTensor,
-    weight: torch.Tensor | None = None,
-) -> spconv.SparseConvTensor:
-    """Run spconv convolution `conv` on `x`, adding its bias and activation in torch.
-
-    `weight` replaces `conv.weight` (a fake-quantized weight, for instance). The result equals
-    spconv's own fused bias + activation, but also works on spconv's CPU-only build.
-    """
-    w = conv.weight if weight is None else weight
-    with _one_thread(not x.features.is_cuda):
-        y = conv._conv_forward(
-            conv.training, x, w, None,
-            name=conv.name, sparse_unique_name=conv._sparse_unique_name,
-        )
-    feats = y.features
-    if conv.bias is not None:
-        feats = feats + conv.bias
-    return y.replace_feature(apply_activation(feats, conv.act_type, conv.act_alpha))
 
 
 class SubMConv3d(spconv.SubMConv3d):  # type: ignore[misc]
@@ -453,3 +403,7 @@ def centerpoint_scn_ci(seed: int = 0, fuse: bool = True, fp16_params: bool = Tru
     """
     return centerpoint_scn(grid=CI_GRID, seed=seed, fit_sweeps=4, fuse=fuse,
                            fp16_params=fp16_params)
+
+
+register_bn_folder(CenterPointSCN, lambda model: fuse_bn(model.eval()))  # type: ignore[arg-type]
+SCN_SYMBOLICS.module(Add)(symbolic_add)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -60,6 +60,7 @@ from harness.datasets.scene3d import CLASSES
 from harness.datasets.scenes import camera_rig
 from harness.errors import HarnessError, TensorFileError
 from harness.program import StageCall
+from harness.tasks.detection3d import IMAGE_MEAN, IMAGE_STD, OUTPUT_NAMES, Detections
 from harness.zoo.layers import ConvModule, init_kaiming
 from harness.zoo.ops import Add, Concat
 from harness.zoo.resnet import ResNet
@@ -70,6 +71,7 @@ __all__ = [
     "IMAGE_STD",
     "TABLE_NAMES",
     "AnchorHead",
+    "AnchorRowDecoder",
     "Detections",
     "FastBEV",
     "FastBEVConfig",
@@ -95,6 +97,7 @@ __all__ = [
     "limit_period",
     "load_lookup_tables",
     "loss_targets",
+    "nms_config",
     "normalize_images",
     "postprocess",
     "rig_lookup_tables",
@@ -103,8 +106,6 @@ __all__ = [
 ]
 
 
-IMAGE_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
-IMAGE_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 """RGB normalisation of FastBEV's `img_norm_cfg`; the pre stage takes normalised images."""
 
 BOX_CODE_SIZE = 9
@@ -1089,37 +1090,6 @@ class FastBEVPostDense(nn.Module):
 FloatArray = npt.NDArray[np.float64]
 
 
-@dataclass(frozen=True)
-class Detections:
-    """Final boxes of one sample (numpy): centre z, sizes (w, l, h), labels index `CLASSES`."""
-
-    center: FloatArray
-    size: FloatArray
-    yaw: FloatArray
-    velocity: FloatArray
-    score: FloatArray
-    label: npt.NDArray[np.int64]
-    classes: tuple[str, ...] = field(default=CLASSES)
-
-    def __len__(self) -> int:
-        return int(self.label.shape[0])
-
-    def to_boxes(self) -> list[dict[str, Any]]:
-        """Boxes as `harness.metrics.nds` mappings (attribute '')."""
-        return [
-            {
-                "label": self.classes[int(self.label[i])],
-                "center": [float(v) for v in self.center[i]],
-                "size": [float(v) for v in self.size[i]],
-                "yaw": float(self.yaw[i]),
-                "velocity": [float(v) for v in self.velocity[i]],
-                "attribute": "",
-                "score": float(self.score[i]),
-            }
-            for i in range(len(self))
-        ]
-
-
 def _corners(boxes: FloatArray) -> FloatArray:
     """BEV corners [N, 4, 2], counter-clockwise, of (x, y, w, l, yaw) boxes."""
     cos, sin = np.cos(boxes[:, 4]), np.sin(boxes[:, 4])
@@ -1143,21 +1113,29 @@ def _cross(a: FloatArray, b: FloatArray) -> FloatArray:
 
 def bev_iou(box: FloatArray, boxes: FloatArray) -> FloatArray:
     """Rotated BEV IoU of one (x, y, w, l, yaw) box with each of `boxes` [M, 5] -> [M]."""
-    m = boxes.shape[0]
+    return pair_iou(np.broadcast_to(box, boxes.shape), boxes)
+
+
+_NEXT = np.array([1, 2, 3, 0])
+
+
+def pair_iou(first: FloatArray, second: FloatArray) -> FloatArray:
+    """Rotated BEV IoU of each pair of (x, y, w, l, yaw) boxes: `first[k]` with `second[k]` -> [M]."""
+    m = second.shape[0]
     if m == 0:
         return np.zeros(0)
-    a = np.broadcast_to(_corners(box[None]), (m, 4, 2))
-    b = _corners(boxes)
+    a = _corners(first)
+    b = _corners(second)
     eps = 1e-9
 
     def inside(points: FloatArray, poly: FloatArray) -> npt.NDArray[np.bool_]:
-        edges = np.roll(poly, -1, axis=1) - poly  # [M, 4, 2]
+        edges = poly[:, _NEXT] - poly  # [M, 4, 2]
         rel = points[:, :, None, :] - poly[:, None, :, :]  # [M, P, 4, 2]
         result: npt.NDArray[np.bool_] = np.all(_cross(edges[:, None], rel) >= -eps, axis=2)
         return result
 
-    a0, a1 = a, np.roll(a, -1, axis=1)
-    b0, b1 = b, np.roll(b, -1, axis=1)
+    a0, a1 = a, a[:, _NEXT]
+    b0, b1 = b, b[:, _NEXT]
     da = (a1 - a0)[:, :, None, :]  # [M, 4, 1, 2]
     db = (b1 - b0)[:, None, :, :]  # [M, 1, 4, 2]
     offset = b0[:, None, :, :] - a0[:, :, None, :]  # [M, 4, 4, 2]
@@ -1179,33 +1157,61 @@ def bev_iou(box: FloatArray, boxes: FloatArray) -> FloatArray:
     ordered = np.where((rank < count[:, None])[..., None], ordered, ordered[:, :1])
     inter = np.abs(_cross(ordered, np.roll(ordered, -1, axis=1)).sum(axis=1)) / 2
     inter = np.where(count >= 3, inter, 0.0)
-    area_a = box[2] * box[3]
-    area_b = boxes[:, 2] * boxes[:, 3]
+    area_a = first[:, 2] * first[:, 3]
+    area_b = second[:, 2] * second[:, 3]
     result: FloatArray = inter / np.maximum(area_a + area_b - inter, 1e-8)
     return result
 
 
+_PAIR_BLOCK = 1 << 20
+"""Candidate pairs whose distances are screened at once in `_nms`."""
+
+
 def _nms(bev: FloatArray, scores: FloatArray, kind: str, threshold: float) -> npt.NDArray[np.int64]:
-    """Greedy NMS by descending score (stable); returns kept indices in score order."""
+    """Greedy NMS by descending score (stable); returns kept indices in score order.
+
+    Which box would suppress which is computed for all pairs first (centre distance for
+    'circle'; rotated IoU of the pairs whose bounding circles overlap for 'rotate', in one
+    vectorised call), then the greedy pass walks the boxes by score.
+    """
     order = np.argsort(-scores, kind="stable")
     bev = bev[order]
-    suppressed = np.zeros(len(order), dtype=bool)
-    keep: list[int] = []
+    n = len(order)
     reach = np.hypot(bev[:, 2], bev[:, 3]) / 2
-    for i in range(len(order)):
-        if suppressed[i]:
-            continue
-        keep.append(int(order[i]))
-        rest = np.nonzero(~suppressed[i + 1 :])[0] + i + 1
-        if rest.size == 0:
-            continue
-        dist2 = (bev[rest, 0] - bev[i, 0]) ** 2 + (bev[rest, 1] - bev[i, 1]) ** 2
+    cos, sin = np.abs(np.cos(bev[:, 4])), np.abs(np.sin(bev[:, 4]))
+    half = np.stack((bev[:, 3] * cos + bev[:, 2] * sin, bev[:, 3] * sin + bev[:, 2] * cos), axis=1) / 2 + 1e-6
+    area = bev[:, 2] * bev[:, 3]
+    first_parts, second_parts = [], []
+    rows = np.arange(n)
+    for start in range(0, n, max(1, _PAIR_BLOCK // max(n, 1))):
+        i = np.repeat(rows[start:start + max(1, _PAIR_BLOCK // max(n, 1))], n)
+        j = np.tile(rows, len(i) // n if n else 0)
+        upper = j > i
+        i, j = i[upper], j[upper]
+        dist2 = (bev[j, 0] - bev[i, 0]) ** 2 + (bev[j, 1] - bev[i, 1]) ** 2
         if kind == "circle":
-            suppressed[rest[dist2 <= threshold]] = True
+            hit = dist2 <= threshold
+        else:
+            # IoU >= threshold needs overlapping bounding circles and boxes and an area ratio
+            # of at least `threshold` (IoU <= smaller area / larger area)
+            near = dist2 < (reach[j] + reach[i]) ** 2
+            near &= (np.abs(bev[j, 0] - bev[i, 0]) < half[j, 0] + half[i, 0])
+            near &= (np.abs(bev[j, 1] - bev[i, 1]) < half[j, 1] + half[i, 1])
+            near &= np.minimum(area[i], area[j]) >= threshold * np.maximum(area[i], area[j])
+            i, j = i[near], j[near]
+            hit = pair_iou(bev[i], bev[j]) >= threshold
+        first_parts.append(i[hit])
+        second_parts.append(j[hit])
+    first = np.concatenate(first_parts) if first_parts else np.zeros(0, np.int64)
+    second = np.concatenate(second_parts) if second_parts else np.zeros(0, np.int64)
+    by_first = np.split(second, np.searchsorted(first, np.arange(1, n))) if n else []
+    suppressed = np.zeros(n, dtype=bool)
+    keep: list[int] = []
+    for k in range(n):
+        if suppressed[k]:
             continue
-        near = rest[dist2 < (reach[rest] + reach[i]) ** 2]
-        if near.size:
-            suppressed[near[bev_iou(bev[i], bev[near]) >= threshold]] = True
+        keep.append(int(order[k]))
+        suppressed[by_first[k]] = True
     return np.asarray(keep, dtype=np.int64)
 
 
@@ -1390,6 +1396,17 @@ def _as_config_value(value: Any) -> Any:
     return value
 
 
+PROFILES: tuple[str, ...] = tuple(sorted(_PROFILES))
+"""Names of the built-in configurations."""
+
+
+def fastbev_config(profile: str) -> FastBEVConfig:
+    """The `FastBEVConfig` of a built-in profile ('full': the seed's sizes, 'ci': reduced)."""
+    if profile not in _PROFILES:
+        raise HarnessError(f"fastbev_r18: unknown profile {profile!r}; choose one of {list(PROFILES)}")
+    return _PROFILES[profile]
+
+
 def fastbev_r18(
     profile: str = "full",
     seed: int = 0,
@@ -1406,17 +1423,14 @@ def fastbev_r18(
     path is taken from the working directory), else from the synthetic camera rig
     (`rig_lookup_tables`) and `grid_anchors`.
     """
-    if profile not in _PROFILES:
-        raise HarnessError(
-            f"fastbev_r18: unknown profile {profile!r}; choose one of {sorted(_PROFILES)}"
-        )
+    base = fastbev_config(profile)
     known = {f.name for f in fields(FastBEVConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise HarnessError(
             f"fastbev_r18: unknown argument(s) {unknown}; FastBEVConfig fields are {sorted(known)}"
         )
-    config = replace(_PROFILES[profile], **{k: _as_config_value(v) for k, v in overrides.items()})
+    config = replace(base, **{k: _as_config_value(v) for k, v in overrides.items()})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = FastBEV(config)
@@ -1426,3 +1440,31 @@ def fastbev_r18(
     else:
         model.set_lookup_tables(*loaded)
     return model.eval()
+
+
+def nms_config(args: Mapping[str, Any]) -> NMSConfig:
+    """`NMSConfig` from YAML-style keyword arguments (lists become tuples); ValueError names
+    unknown keys, HarnessError invalid values."""
+    known = {f.name for f in fields(NMSConfig)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"unknown nms argument(s) {unknown}; known: {sorted(known)}")
+    kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    return NMSConfig(**kwargs)
+
+
+class AnchorRowDecoder:
+    """The detection3d decoder of FastBEV's outputs: one sample's `cls_score` [K, 10],
+    `bbox_pred` [K, 9] and `dir_cls_preds` [K] rows through `postprocess` with `nms` (fields of
+    `NMSConfig`)."""
+
+    def __init__(self, nms: Mapping[str, Any] | None = None) -> None:
+        self.nms = nms_config(nms or {})
+
+    def __call__(self, outputs: Mapping[str, np.ndarray], index: int) -> Detections:
+        """Final boxes of sample `index`; HarnessError naming missing outputs."""
+        missing = [n for n in OUTPUT_NAMES if n not in outputs]
+        if missing:
+            raise HarnessError(f"FastBEV decoder: the program produced no {missing} (got {sorted(outputs)})")
+        cls_score, bbox_pred, dir_cls_preds = (np.asarray(outputs[n][index]) for n in OUTPUT_NAMES)
+        return postprocess(cls_score, bbox_pred, dir_cls_preds, self.nms)

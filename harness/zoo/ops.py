@@ -2,13 +2,17 @@
 
 Models in the zoo write residual additions and concatenations through these modules rather
 than `x + y` / `torch.cat`, so `harness.quant` can swap them for quantized versions whose
-inputs go through (shared) quantizers, as the deployment guides require.
+inputs go through (shared) quantizers, as the deployment guides require. Both are registered
+with `harness.quant.registry` as joins (`QuantAdd` / `QuantConcat`) when this module is imported.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from harness.quant.modules import add_converter, concat_converter
+from harness.quant.registry import register_quantizable
 
 
 class Add(nn.Module):
@@ -30,3 +34,7 @@ class Concat(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}"
+
+
+register_quantizable(Add, add_converter, quantized_inputs=2, join="add")
+register_quantizable(Concat, concat_converter, quantized_inputs=None, join="concat")

@@ -13,12 +13,17 @@ Bottlenecks put the stride on the 3x3 conv (mmdet `style='pytorch'`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from harness.errors import HarnessError
+from harness.quant.modules import QuantAdd, QuantConv2d, QuantModule
+from harness.quant.registry import register_rule
+from harness.quant.rules import QuantConfigError, TraceGraph, share
+from harness.quant.tensor_quantizer import TensorQuantizer
 from harness.zoo.ops import Add
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet34", "resnet50"]
@@ -176,3 +181,80 @@ def resnet34(out_indices: Sequence[int] = (0, 1, 2, 3), base_channels: int = 64)
 def resnet50(out_indices: Sequence[int] = (0, 1, 2, 3), base_channels: int = 64) -> ResNet:
     """ResNet50 (Bottleneck, 3-4-6-3)."""
     return ResNet(50, out_indices, base_channels)
+
+
+# -- quantization: the deployment guides' residual rule for these blocks -----------------------
+#
+# `bottleneck_residual` (registered with harness.quant): for every BasicBlock / Bottleneck, the
+# downsample conv shares conv1's input quantizer (both read the block input); the identity enters
+# the add through a residual quantizer (conv1's input quantizer without a downsample, a new one
+# on the downsample output with one) and the branch input of the add (the last conv's output)
+# stays unquantized, so TensorRT fuses the add into that conv with an int8 identity. A block
+# whose conv1, downsample conv and add are not all quantized (or all float) is an error naming it.
+
+
+@dataclass(frozen=True)
+class _BlockParts:
+    """The layers of one residual block the residual rule acts on (None: the block has no downsample)."""
+
+    block: str
+    conv1: str
+    downsample: str | None
+    add: str
+
+
+def _residual_blocks(model: nn.Module) -> list[_BlockParts]:
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, BasicBlock | Bottleneck):
+            prefix = f"{name}." if name else ""
+            down = f"{prefix}downsample.0" if module.downsample is not None else None
+            found.append(_BlockParts(name, f"{prefix}conv1", down, f"{prefix}add"))
+    return found
+
+
+@dataclass(frozen=True)
+class BottleneckResidual:
+    """Residual quantizers for ResNet blocks (see the module docstring)."""
+
+    name: str = "bottleneck_residual"
+    needs_trace: bool = False
+
+    def apply(self, model: nn.Module, graph: TraceGraph | None) -> int:
+        del graph
+        matched = 0
+        for block in _residual_blocks(model):
+            conv1, add = model.get_submodule(block.conv1), model.get_submodule(block.add)
+            down = model.get_submodule(block.downsample) if block.downsample else None
+            parts = {block.conv1: conv1, block.add: add, **({block.downsample: down} if block.downsample else {})}
+            floats = [n for n, m in parts.items() if not isinstance(m, QuantModule)]
+            if len(floats) == len(parts):
+                continue
+            if floats:
+                raise QuantConfigError(
+                    f"rule '{self.name}': block '{block.block}' is partly quantized "
+                    f"({', '.join(floats)} float); quantize its conv1, downsample conv and add together or not at all",
+                    "rules",
+                )
+            assert isinstance(conv1, QuantConv2d) and isinstance(add, QuantAdd)
+            shared = conv1.get_input_quantizer(0)
+            if shared is None:
+                raise QuantConfigError(f"rule '{self.name}': '{block.conv1}' has no input quantizer to share", "rules")
+            if isinstance(down, QuantConv2d):
+                share(model, [shared, *down.input_quantizers()])
+                residual = TensorQuantizer(shared.descriptor)
+            else:
+                residual = shared
+            add.set_input_quantizer(0, None)
+            add.set_input_quantizer(1, residual)
+            matched += 1
+        return matched
+
+    def targets(self, model: nn.Module, graph: TraceGraph | None) -> list[str]:
+        """conv1, the downsample conv and the add of every block."""
+        del graph
+        return [n for b in _residual_blocks(model) for n in (b.conv1, b.downsample, b.add) if n is not None]
+
+
+
+register_rule("bottleneck_residual", BottleneckResidual)

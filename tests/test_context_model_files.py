@@ -1,4 +1,4 @@
-"""CaseRun.write_golden saves a model's `golden_files()` next to meta.json, with their hashes."""
+"""CaseContext.write_golden saves a model's `golden_files()` next to meta.json, with their hashes."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 
 from harness import tensorfile
 from harness.cases import load_case
+from harness.context import CaseContext, RunOptions
 from harness.errors import GoldenError
-from harness.session import CaseRun, RunOptions
 
 MODULE = '''
 import numpy as np
@@ -71,11 +71,11 @@ def project(tmp_path: Path) -> Iterator[Path]:
     sys.modules.pop("filesmod", None)
 
 
-def _run(project: Path, factory: str = "WithFiles", args: str = "{}") -> CaseRun:
+def _run(project: Path, factory: str = "WithFiles", args: str = "{}") -> CaseContext:
     path = project / "cases" / "files.yaml"
     path.write_text(CASE.format(factory=factory, args=args))
     options = RunOptions.default(project)
-    return CaseRun(load_case(path), RunOptions(options.device, project / ".cache", update_golden=True))
+    return CaseContext(load_case(path), RunOptions(options.device, project / ".cache", update_golden=True))
 
 
 def test_model_files_are_written_and_hashed(project: Path) -> None:

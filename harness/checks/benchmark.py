@@ -1,4 +1,4 @@
-"""Benchmark items: GPU-correct timing of one stage on one backend through pytest-benchmark.
+"""benchmark: GPU-correct timing of one stage on one backend through pytest-benchmark.
 
 The timed callable comes from the runner's `timed_call`: inputs are bound on the device in
 advance and the call returns only when the device work is done (CUDA synchronised). Rounds
@@ -13,14 +13,22 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from harness.backends.registry import SPEEDUP_BASE, backend_with_role
+from harness.checks.base import Check, ItemSpec, per_stage
 from harness.environment import cpu_flags, cpu_name, library_versions, thread_count
 from harness.records import Record
+
+if TYPE_CHECKING:
+    from harness.backends.registry import BackendInfo
+    from harness.cases import Case
+    from harness.context import CaseContext
 
 ROTATION = 4
 
@@ -126,25 +134,58 @@ def time_calls(benchmark: Any, calls: list[Callable[[], None]], *, rounds: int, 
     return timing
 
 
-def benchmark_stage(run: Any, backend: str, stage: str, benchmark: Any) -> Record:
-    """Benchmark one stage of `backend` for the CaseRun `run` and return its record."""
+def benchmark_stage(ctx: CaseContext, backend: str, stage: str, benchmark: Any) -> Record:
+    """Benchmark one stage of `backend` on the case context `ctx` and return its record."""
     started = time.perf_counter()
-    spec = run.case.spec.benchmark
-    runner = run.runner(backend)
-    golden = run.stage_feeds()[stage]
-    dynamic = run.stage_is_dynamic(stage)
+    spec = ctx.case.spec.benchmark
+    runner = ctx.runner(backend)
+    golden = ctx.stage_feeds()[stage]
+    dynamic = ctx.stage_is_dynamic(stage)
     feeds_sets = rotated_feeds(golden, spec.batch_size if dynamic else None)
     calls = [runner.timed_call(stage, feeds) for feeds in feeds_sets]
     extra = {
-        "case": run.case.name, "profile": run.case.profile, "backend": backend, "stage": stage,
+        "case": ctx.case.name, "profile": ctx.case.profile, "backend": backend, "stage": stage,
         "batch_size": spec.batch_size if dynamic else None,
         "input_shapes": {name: list(t.shape) for name, t in feeds_sets[0].items()},
         **machine_facts(runner.info),
     }
     timing = time_calls(benchmark, calls, rounds=spec.rounds, warmup=spec.warmup, extra=extra)
-    record = Record(case=run.case.name, profile=run.case.profile, backend=backend, item="benchmark",
-                    stage=stage, info=dict(runner.info), artifacts=dict(runner.artifacts),
-                    duration_s=time.perf_counter() - started, timing=timing)
+    record = ctx.new_record(backend, "benchmark", stage, started, runner)
+    record.artifacts = dict(runner.artifacts)
+    record.sections["timing"] = timing
     if timing.get("disabled"):
         record.reason = "benchmarking disabled (--benchmark-disable or xdist): ran once, no figures"
     return record
+
+
+def _median_ms(records: Sequence[Record]) -> float | None:
+    medians = [float(r.section("timing")["median_ms"]) for r in records
+               if r.section("timing") and "median_ms" in r.section("timing")]
+    return sum(medians) if medians else None
+
+
+class BenchmarkCheck(Check):
+    """One item per stage, timed with pytest-benchmark's `benchmark` fixture."""
+
+    kind = "benchmark"
+    fixtures = ("benchmark",)
+    summary_columns = ("median ms", "speedup")
+
+    def items(self, case: Case, backend: BackendInfo, stages: Sequence[str]) -> Iterable[ItemSpec]:
+        """benchmark (single stage) or benchmark[<stage>] per stage."""
+        return per_stage(self.kind, stages)
+
+    def run(self, ctx: CaseContext, backend: str, item: ItemSpec, fixtures: Mapping[str, Any]) -> Record:
+        """Time the stage (the `benchmark` fixture comes from pytest)."""
+        return benchmark_stage(ctx, backend, item.stage or "model", fixtures["benchmark"])
+
+    def summary_cells(self, row: Sequence[Record], case: Sequence[Record]) -> dict[str, str]:
+        """Summed median latency of the row's stages and the speedup over the speedup base."""
+        median = _median_ms(row)
+        base = _median_ms([r for r in case if r.backend == backend_with_role(SPEEDUP_BASE)])
+        return {"median ms": f"{median:.3f}" if median is not None else "-",
+                "speedup": f"{base / median:.2f}x" if median and base else "-"}
+
+    def report_section(self, records: Sequence[Record], out_dir: Path) -> list[str]:
+        """Nothing per case: the latency chart covers every case."""
+        return []

@@ -1,5 +1,8 @@
 """From a case's `quant:` section to the calibrated fake-quant model the int8 backends share.
 
+This step sits beside the case context (it reads the case and its data); the quantization library
+under it (`harness.quant`) knows nothing about cases.
+
 The float model is copied, BN is folded, layers are swapped for quantized ones and rules make
 quantizers shared (`harness.quant.transform`); activations are calibrated on the case's
 calibration split through the whole program (multi-stage glue included), and the resulting amax
@@ -29,11 +32,9 @@ from harness.quant.tensor_quantizer import QuantDescriptor
 from harness.quant.transform import QuantConfig, quantize_model
 
 if TYPE_CHECKING:
-    from harness.session import CaseRun
+    from harness.context import CaseContext
 
 AMAX_FILE = "amax.pt"
-_ERROR_KEYS = (("include", "include"), ("exclude", "exclude"), ("keep_float", "keep_float"), ("rule", "rules"),
-               ("unknown quantization rule", "rules"))
 
 
 class Quantizer(Protocol):
@@ -71,14 +72,14 @@ def quant_config(spec: QuantSpec) -> QuantConfig:
     )
 
 
-def program_call(run: CaseRun, inputs: Mapping[str, torch.Tensor]) -> ModelCall:
+def program_call(run: CaseContext, inputs: Mapping[str, torch.Tensor]) -> ModelCall:
     """A batch for the quantization library that runs a model copy through the case's program."""
     def call(model: nn.Module) -> Any:
         return run.program(model).run_eager(inputs)
     return call
 
 
-def calibration_calls(run: CaseRun) -> list[ModelCall]:
+def calibration_calls(run: CaseContext) -> list[ModelCall]:
     """One program call per calibration batch (the case's calibration split)."""
     spec = run.case.spec.quant
     inputs = run.adapter.calibration_inputs(run.dataset("calibration"), spec.calibration_batch_size,
@@ -86,13 +87,14 @@ def calibration_calls(run: CaseRun) -> list[ModelCall]:
     return [program_call(run, batch) for batch in itertools.islice(inputs, spec.calibration_batches)]
 
 
-def calibrated_model(run: CaseRun) -> nn.Module:
+def calibrated_model(run: CaseContext) -> nn.Module:
     """The case's model quantized per its quant section (by its `quantizer`) and calibrated
     (amax cached on disk).
 
     Raises CaseError naming the quant key and entry (`quant.keep_float.1`, `quant.rules.0`) for
-    unknown rules, patterns or rules that match nothing and rules that conflict with keep_float,
-    and the library's QuantError naming quantizers for calibration problems.
+    unknown rules, patterns or rules that match nothing and rules that conflict with keep_float
+    (the library's QuantConfigError carries the setting and the list index), and the library's
+    QuantError naming quantizers for calibration problems.
     """
     spec = run.case.spec.quant
     calls = calibration_calls(run)
@@ -103,9 +105,8 @@ def calibrated_model(run: CaseRun) -> nn.Module:
     except QuantConfigError as exc:
         entry = [] if exc.index is None else [str(exc.index)]
         raise run.case.error(str(exc), "quant", exc.key, *entry) from exc
-    except QuantError as exc:  # other quantizers name the setting at the start of their message
-        key = next((k for prefix, k in _ERROR_KEYS if str(exc).startswith(prefix)), "")
-        raise run.case.error(str(exc), "quant", *([key] if key else [])) from exc
+    except QuantError as exc:
+        raise run.case.error(str(exc), "quant") from exc
     if not isinstance(model, nn.Module):
         raise run.case.error(f"{spec.quantizer} returned {type(model).__name__}, not an nn.Module", "quant", "quantizer")
 

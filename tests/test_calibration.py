@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from harness.cases import load_case
+from harness.context import CaseContext, RunOptions
 from harness.errors import CaseError
 from harness.quant.modules import QuantAdd
-from harness.session import CaseRun, RunOptions
 
 TESTS = Path(__file__).parent
 
 
-def make_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quant: str) -> CaseRun:
+def make_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quant: str) -> CaseContext:
     from tiny import CASE
 
     monkeypatch.syspath_prepend(str(TESTS))
@@ -25,10 +25,10 @@ def make_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quant: str) -> Cas
                         "quant:\n  calibration_batches: 2\n  calibration_batch_size: 1\n" + quant)
     (tmp_path / "cases/tiny.yaml").write_text(text)
     case = load_case(tmp_path / "cases/tiny.yaml")
-    return CaseRun(case, RunOptions(device=torch.device("cpu"), cache_dir=tmp_path / ".cache"))
+    return CaseContext(case, RunOptions(device=torch.device("cpu"), cache_dir=tmp_path / ".cache"))
 
 
-def _line(run: CaseRun, text: str) -> int:
+def _line(run: CaseContext, text: str) -> int:
     return next(i for i, line in enumerate(run.case.path.read_text().splitlines(), 1) if text in line)
 
 

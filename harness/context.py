@@ -1,0 +1,558 @@
+"""The case context: one case in one run, built lazily and shared by every check.
+
+Everything a check needs comes from here - the task adapter, datasets, the float model (private
+copies), the program of stages, the golden store, the reference run, prepared backend runners,
+the calibrated model, the cached exports, and each backend's evaluation over the eval set
+(`harness.evaluation`, computed once and shared by the metric and fidelity checks). Collecting a
+case builds nothing: stage names come from the case file, the model is built on first use.
+
+    ctx = CaseContext(load_case("cases/pidnet_s.yaml"), RunOptions.default())
+    record = harness.checks.run_check(ctx, "golden", "ort-fp32", "model")
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+import traceback
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from harness import tensorfile
+from harness.backends.base import PrepareContext, Runner
+from harness.backends.registry import (
+    FLOAT_REFERENCE,
+    BackendInfo,
+    backend_class,
+    backend_info,
+    backend_with_role,
+)
+from harness.cache import Cache, content_key, file_sha256
+from harness.cases import DEFAULT_PROFILE, Case
+from harness.compare import Tolerance
+from harness.environment import library_versions
+from harness.errors import BackendUnavailable, GoldenError, HarnessError
+from harness.export import artifacts
+from harness.factory import FactoryError, resolve
+from harness.golden import GoldenStore
+from harness.identity import Fingerprint, fingerprint
+from harness.metrics.base import Metric, MetricArgsError, metric_class
+from harness.program import SINGLE_STAGE, Program
+from harness.records import Record
+from harness.tasks.base import Batch, Dataset, TaskAdapter, task_class
+
+if TYPE_CHECKING:
+    from harness.evaluation import Evaluation
+
+REFERENCE_DEVICE = torch.device("cpu")
+BATCH_CACHE_BYTES = 512 << 20
+"""Evaluation batches are kept in memory for the next backend up to this many bytes of inputs."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Run-wide settings from the command line."""
+
+    device: torch.device
+    cache_dir: Path
+    update_golden: bool = False
+    report_dir: Path | None = None
+
+    @staticmethod
+    def default(root: Path = Path(".")) -> RunOptions:
+        """CUDA when available, cache under `root/.qharness_cache`, no golden updates."""
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return RunOptions(device=device, cache_dir=root / ".qharness_cache")
+
+
+class ItemFailure(HarnessError):
+    """An item failed its check; `text` is the table shown to the user."""
+
+    def __init__(self, text: str, record: Record):
+        super().__init__(text)
+        self.text = text
+        self.record = record
+
+
+StageIO = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
+"""A stage's feeds and outputs in one run."""
+
+
+@dataclass
+class StageRecord:
+    """Feeds and outputs of one stage in the reference run (CPU numpy arrays)."""
+
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def regenerate_command(case: Case) -> str:
+    """The pytest command that regenerates this case's golden files."""
+    try:
+        rel = case.path.resolve().relative_to(case.root.resolve())
+    except ValueError:
+        rel = case.path
+    profile = "" if case.profile == DEFAULT_PROFILE else f" --profile {case.profile}"
+    return f"pytest {rel} --update-golden{profile}"
+
+
+PATH_ARG_SUFFIXES = ("_dir", "_path", "_file")
+
+
+PATH_ARG_NAMES = ("root", "dataroot")
+
+
+def factory_failure(factory: str, exc: BaseException) -> str:
+    """One message for a factory that raised: the exception and the innermost frame of the
+    user's code (not pytest's or pluggy's), instead of a page of framework traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = next((f for f in reversed(frames) if "site-packages" not in f.filename), frames[-1] if frames else None)
+    at = f" (at {where.filename}:{where.lineno}, in {where.name})" if where else ""
+    return f"{factory} raised {type(exc).__name__}: {exc}{at}"
+
+
+def _is_path_arg(key: str, value: object) -> bool:
+    """Factory arguments named *_dir / *_path / *_file, `root` or `dataroot` are paths, resolved
+    like case paths."""
+    return isinstance(value, str) and (key.endswith(PATH_ARG_SUFFIXES) or key in PATH_ARG_NAMES)
+
+
+def build_float_model(case: Case) -> nn.Module:
+    """Build the case's model on the CPU in float32 eval mode, loading its checkpoint if any.
+
+    Checkpoints are read with `torch.load(weights_only=True)`; a state dict may be stored bare or
+    under "state_dict"/"model". Arguments named *_dir / *_path / *_file / root / dataroot resolve
+    against the project root like every path in a case. Raises CaseError naming `model.checkpoint` on mismatching keys.
+    """
+    spec = case.spec.model
+    torch.manual_seed(spec.seed)
+    args = {k: str(case.resolve_path(v)) if _is_path_arg(k, v) else v for k, v in spec.args.items()}
+    try:
+        model = resolve(spec.factory)(**args)
+    except HarnessError:
+        raise
+    except TypeError as exc:
+        raise case.error(f"factory {spec.factory} rejected its arguments: {exc}", "model", "args") from exc
+    except Exception as exc:
+        raise case.error(factory_failure(spec.factory, exc), "model", "factory") from exc
+    if not isinstance(model, nn.Module):
+        raise case.error(f"factory {spec.factory} returned {type(model).__name__}, not an nn.Module", "model", "factory")
+    if case.checkpoint is not None:
+        try:
+            state = torch.load(case.checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise case.error(f"cannot load {case.checkpoint}: {exc}", "model", "checkpoint") from exc
+        if isinstance(state, dict):
+            for wrapper in ("state_dict", "model"):
+                if isinstance(state.get(wrapper), dict):
+                    state = state[wrapper]
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise case.error(f"{case.checkpoint} does not fit the model: {exc}", "model", "checkpoint") from exc
+    return model.float().eval()
+
+
+class CaseContext:
+    """Lazily built state of one case; one instance per case and profile per pytest run."""
+
+    def __init__(self, case: Case, options: RunOptions):
+        self.case = case
+        self.options = options
+        self.cache = Cache(options.cache_dir)
+        self.golden = GoldenStore(case.golden_dir, regenerate_command(case))
+        self._runners: dict[str, Runner] = {}
+        self._golden_written = False
+        self._evaluations: dict[str, Evaluation] = {}
+        self._batches: list[Batch] | None = None
+
+    # -- what the case says, without building anything --------------------------------------
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """Stage names in declaration order ("model" for single-stage cases), from the case file."""
+        return tuple(self.case.spec.stages) or (SINGLE_STAGE,)
+
+    @property
+    def is_staged(self) -> bool:
+        """True for a program of several named stages (glue between them in PyTorch)."""
+        return self.stage_names != (SINGLE_STAGE,)
+
+    @functools.cached_property
+    def metric_class(self) -> type[Metric] | None:
+        """The case metric's class (None without a metric section); CaseError naming the key for
+        unknown metrics, arguments, gated figures and metrics the task cannot feed."""
+        spec = self.case.spec.metric
+        if spec is None:
+            return None
+        try:
+            cls = metric_class(spec.name)
+        except MetricArgsError as exc:
+            raise self.case.error(str(exc), "metric", "name") from exc
+        try:
+            cls.check_args(spec.args)
+            cls(**spec.args)
+        except MetricArgsError as exc:
+            raise self.case.error(str(exc), "metric", "args", *([exc.key] if exc.key else [])) from exc
+        except (TypeError, ValueError) as exc:
+            raise self.case.error(f"metric '{spec.name}' rejected its arguments: {exc}", "metric", "args") from exc
+        for index, key in enumerate(spec.keys):
+            try:
+                cls.figure(key)
+            except MetricArgsError as exc:
+                raise self.case.error(str(exc), "metric", "keys", str(index)) from exc
+        if isinstance(spec.float_min, Mapping):
+            for key in spec.float_min:
+                try:
+                    cls.figure(key)
+                except MetricArgsError as exc:
+                    raise self.case.error(str(exc), "metric", "float_min", key) from exc
+        kind = self.adapter.prediction_kind
+        if kind != cls.consumes:
+            raise self.case.error(f"metric '{spec.name}' scores {cls.consumes} predictions; task "
+                                  f"'{self.case.spec.task}' decodes {kind or 'none'}", "metric", "name")
+        return cls
+
+    def validate(self) -> None:
+        """Collection-time checks that build nothing: task options and metric (CaseError)."""
+        _ = self.adapter
+        _ = self.metric_class
+
+    def info(self, backend: str) -> BackendInfo:
+        """The registry entry of `backend`."""
+        return backend_info(backend)
+
+    @functools.cached_property
+    def adapter(self) -> TaskAdapter:
+        """The task adapter (segmentation, detection3d, tensors, or "module:Class")."""
+        try:
+            cls = task_class(self.case.spec.task)
+        except (ValueError, TypeError) as exc:
+            raise self.case.error(str(exc), "task") from exc
+        return cls(self.case)
+
+    def dataset(self, split: str = "eval") -> Dataset:
+        """The evaluation dataset, or the calibration / train split (args merged over data.args)."""
+        return self._datasets(split)
+
+    @functools.cache  # noqa: B019 - one CaseContext per case per run; the cache lives as long as it
+    def _datasets(self, split: str) -> Dataset:
+        data = self.case.spec.data
+        args = dict(data.args)
+        if split == "calibration":
+            args.update(data.calibration.args)
+        elif split == "train":
+            args.update(data.train.args)
+        args = {k: str(self.case.resolve_path(v)) if _is_path_arg(k, v) else v for k, v in args.items()}
+        try:
+            dataset: Dataset = resolve(data.factory)(**args)
+        except HarnessError:
+            raise
+        except TypeError as exc:
+            raise self.case.error(f"{data.factory} rejected its arguments: {exc}", "data", "args") from exc
+        except Exception as exc:
+            raise self.case.error(factory_failure(data.factory, exc), "data", "factory") from exc
+        if len(dataset) == 0:
+            raise self.case.error(f"the {split} dataset is empty", "data", "args")
+        return dataset
+
+    @functools.cached_property
+    def _float_model(self) -> nn.Module:
+        return build_float_model(self.case)
+
+    def float_model(self) -> nn.Module:
+        """A private copy of the float model (CPU, float32, eval) that the caller may modify."""
+        return copy.deepcopy(self._float_model)
+
+    def program(self, model: nn.Module) -> Program:
+        """The case's stages over `model` (single stage named "model" unless `stages:` says)."""
+        stages = self.case.spec.stages
+        adapter = self.adapter
+        if not stages:
+            return Program.single(model, adapter.input_names, adapter.output_names, adapter.dynamic_batch)
+        if list(stages) == ["model"]:
+            only = stages["model"]
+            return Program.single(model, tuple(only.inputs), tuple(only.outputs), adapter.dynamic_batch)
+        try:
+            return Program.staged(model, {k: (tuple(v.inputs), tuple(v.outputs)) for k, v in stages.items()})
+        except HarnessError as exc:
+            raise self.case.error(str(exc), "stages") from exc
+
+    @functools.cached_property
+    def checkpoint_sha256(self) -> str | None:
+        """sha256 of the checkpoint file (None for seeded initial weights)."""
+        ckpt = self.case.checkpoint
+        return None if ckpt is None else file_sha256(ckpt)
+
+    @functools.cached_property
+    def fingerprint(self) -> Fingerprint:
+        """What the float model is (`harness.identity`): its parameters and buffers and the code of
+        the project modules that define it (builds the model)."""
+        return fingerprint(self._float_model, [self.case.spec.model.factory.split(":")[0]])
+
+    @functools.cached_property
+    def model_key(self) -> str:
+        """Identity of the float model for every cache key: case config hash, checkpoint hash and
+        the model's fingerprint, so edited weights, factory arguments or model code never reuse an
+        export, calibration or float metric."""
+        return content_key(self.case.config_hash(), self.checkpoint_sha256, self.fingerprint.digest())
+
+    def stage_is_dynamic(self, stage: str) -> bool:
+        """True when dim 0 of the stage's inputs is a free batch dimension."""
+        return self.program(self._float_model).stages[stage].dynamic_batch
+
+    # -- reference and golden --------------------------------------------------------------
+
+    @functools.cached_property
+    def reference(self) -> dict[str, StageRecord]:
+        """The float reference run on the golden samples: every stage's feeds and outputs."""
+        program = self.program(self.float_model())
+        inputs = self.adapter.golden_inputs(self.dataset(), self.case.spec.golden.samples)
+        records: dict[str, StageRecord] = {}
+
+        def call(name: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            if name in records:
+                raise HarnessError(f"stage '{name}' ran twice in one reference run; stages must run once")
+            outputs = program.stages[name](feeds)
+            records[name] = StageRecord(
+                {k: v.detach().cpu().numpy() for k, v in feeds.items()},
+                {k: v.detach().cpu().numpy() for k, v in outputs.items()},
+            )
+            return outputs
+
+        with torch.inference_mode():
+            program.run(inputs, call)
+        return records
+
+    def golden_record(self) -> dict[str, StageRecord]:
+        """The golden stage records from disk (regenerated first under --update-golden); the
+        task adapter checks the inputs (errors name the golden file)."""
+        if self.options.update_golden and not self._golden_written:
+            self.write_golden()
+        meta = self.golden.check_fresh(self.case.config_hash(), self.checkpoint_sha256)
+        changed = self.fingerprint.differences(meta.get("model_fingerprint"))
+        if changed:
+            raise GoldenError(f"golden files in {self.golden.dir} are stale: " + "; ".join(changed)
+                              + f".\nRegenerate with: {self.golden.hint}")
+        stages = meta.get("stages", {})
+        out = {}
+        for name in self.stage_names:
+            if name not in stages:
+                raise GoldenError(f"golden meta {self.golden.meta_path} has no stage '{name}'.\n"
+                                  f"Regenerate with: {self.golden.hint}")
+            inputs = {n: self.golden.read("inputs", n, meta) for n in stages[name]["inputs"]}
+            self.adapter.check_inputs(inputs, {n: str(self.golden.path_of("inputs", n, meta)) for n in inputs})
+            out[name] = StageRecord(inputs, {n: self.golden.read("outputs", n, meta) for n in stages[name]["outputs"]})
+        return out
+
+    def write_golden(self) -> None:
+        """Regenerate golden inputs, reference outputs and meta.json from the float model, in
+        the file names and dtypes the task adapter asks for (`golden_layout`)."""
+        reference = self.reference
+        inputs: dict[str, np.ndarray] = {}
+        outputs: dict[str, np.ndarray] = {}
+        for rec in reference.values():
+            inputs.update(rec.inputs)
+            outputs.update(rec.outputs)
+        meta = {
+            "case": self.case.name,
+            "profile": self.case.profile,
+            "config_hash": self.case.config_hash(),
+            "checkpoint": self.case.spec.model.checkpoint,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "versions": library_versions(),
+            "created_by": regenerate_command(self.case),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "stages": {n: {"inputs": list(r.inputs), "outputs": list(r.outputs)} for n, r in reference.items()},
+            "model_fingerprint": self.fingerprint.to_dict(),
+        }
+        model_files = self._write_model_files()
+        self.golden.write({"inputs": inputs, "outputs": outputs}, meta, self.adapter.golden_layout())
+        if model_files:
+            self.golden.update_meta(lambda m: m["files"].update(model_files))
+        self._golden_written = True
+
+    def _write_model_files(self) -> dict[str, str]:
+        """Save the float model's `golden_files()` (e.g. FastBEV's lookup tables) as
+        `<golden dir>/<name>.tensor`, each atomically; returns their sha256 by file name.
+
+        They are written before meta.json so that a meta.json naming them never points at
+        missing files; their hashes then join meta.json's `files`.
+        """
+        provide = getattr(self._float_model, "golden_files", None)
+        if not callable(provide):
+            return {}
+        hashes = {}
+        for name, array in provide().items():
+            if not name or Path(name).name != name or name.startswith("."):
+                raise GoldenError(f"{type(self._float_model).__name__}.golden_files(): '{name}' is not a plain file name")
+            path = self.golden.dir / f"{name}.tensor"
+            tensorfile.save(path, np.asarray(array))
+            hashes[path.name] = file_sha256(path)
+        return hashes
+
+    def stage_feeds(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Example feeds per stage for exports: golden inputs when present, else the reference."""
+        try:
+            record = self.golden_record()
+        except GoldenError:
+            record = self.reference
+        return {s: {n: torch.from_numpy(a) for n, a in r.inputs.items()} for s, r in record.items()}
+
+    # -- backends ----------------------------------------------------------------------------
+
+    def unavailable_reason(self, backend: str) -> str | None:
+        """The skip reason for `backend` on this run's device, or None when it can run: the task's
+        (by the backend's capabilities), then the backend's own (libraries, devices)."""
+        reason = self.adapter.unsupported_reason(self.info(backend), self.options.device)
+        if reason:
+            return reason
+        try:
+            return backend_class(backend)().unavailable_reason(self.options.device)
+        except FactoryError as exc:
+            return f"{backend} is not available: {exc}"
+
+    def prepare_context(self) -> PrepareContext:
+        """What backends (and the rules item's export) may use to build their artefacts."""
+        return PrepareContext(
+            case=self.case, cache=self.cache, device=self.options.device, program=self.program,
+            float_model=self.float_model, quantized_model=self.quantized_model,
+            stage_feeds=self.stage_feeds, model_key=self.model_key, quant_key=lambda: self.quant_key,
+            float_onnx=self.float_onnx, qdq_onnx=self.qdq_onnx,
+        )
+
+    def float_onnx(self) -> dict[str, Path]:
+        """The float ONNX of every stage (cached; shared by every backend that takes ONNX)."""
+        return artifacts.float_onnx(self.cache, self.case.name, self.model_key,
+                                    lambda: self.program(self.float_model()), self.stage_feeds())
+
+    def qdq_onnx(self, layout: Literal["tensorrt", "onnxruntime"],
+                 weight_codes: Literal["int8", "uint8"] = "int8") -> dict[str, Path]:
+        """The Q/DQ ONNX of every stage of the calibrated model in `layout` (cached)."""
+        return artifacts.qdq_onnx(self.cache, self.case.name, self.quant_key,
+                                  lambda: self.program(self.quantized_model()), self.stage_feeds(), layout,
+                                  weight_codes)
+
+    def runner(self, backend: str) -> Runner:
+        """The prepared runner of `backend` (built once per run; artefacts cached on disk)."""
+        if backend not in self._runners:
+            reason = self.unavailable_reason(backend)
+            if reason:
+                raise BackendUnavailable(reason)
+            self._runners[backend] = backend_class(backend)().prepare(self.prepare_context())
+        return self._runners[backend]
+
+    def release(self, backend: str) -> None:
+        """Close and forget the runner of `backend` (called after its last item)."""
+        runner = self._runners.pop(backend, None)
+        if runner is not None:
+            runner.close()
+
+    @functools.cached_property
+    def quant_key(self) -> str:
+        """Identity of the calibrated model: float model, quant settings, calibration data."""
+        data = self.case.spec.data
+        return content_key(self.model_key, self.case.spec.quant.model_dump(), data.factory,
+                           {**data.args, **data.calibration.args}, library_versions())
+
+    def quantized_model(self) -> nn.Module:
+        """The calibrated fake-quant model shared by every int8 backend of this run."""
+        return self._quantized
+
+    @functools.cached_property
+    def _quantized(self) -> nn.Module:
+        from harness.calibration import calibrated_model
+
+        return calibrated_model(self)
+
+
+    # -- what checks share ---------------------------------------------------------------------
+
+    def tolerance(self, backend: str, output: str) -> Tolerance:
+        """The case's tolerance for one output of one backend."""
+        return self.case.spec.backends[backend].compare.tolerance(output)
+
+    def new_record(self, backend: str, item: str, stage: str | None, started: float,
+                   runner: Runner | None = None) -> Record:
+        """A passed record of `item` with the runner's info, the case's artefacts and the time
+        since `started` (perf_counter)."""
+        out = {"golden": str(self.golden.dir), "case": str(self.case.path)}
+        if self.case.checkpoint is not None:
+            out["checkpoint"] = str(self.case.checkpoint)
+        if runner is not None:
+            out.update(runner.artifacts)
+        return Record(case=self.case.name, profile=self.case.profile, backend=backend, item=item, stage=stage,
+                      verdict="passed", info=dict(runner.info) if runner else {}, artifacts=out,
+                      duration_s=time.perf_counter() - started)
+
+    def metric(self) -> Metric:
+        """A fresh accumulator of the case's metric (CaseError when the case has none)."""
+        spec = self.case.spec.metric
+        cls = self.metric_class
+        if spec is None or cls is None:
+            raise self.case.error("the case has no metric section", "metric")
+        try:
+            return cls(**spec.args)
+        except (MetricArgsError, TypeError, ValueError) as exc:
+            key = getattr(exc, "key", None)
+            raise self.case.error(str(exc), "metric", "args", *([key] if key else [])) from exc
+
+    def eval_batches(self) -> Iterator[Batch]:
+        """The evaluation dataset in metric batches; the batches are kept in memory for the next
+        backend while their inputs total at most BATCH_CACHE_BYTES (else regenerated)."""
+        if self._batches is not None:
+            yield from self._batches
+            return
+        kept: list[Batch] | None = []
+        size = 0
+        for batch in self.adapter.batches(self.dataset(), self.case.spec.data.batch_size):
+            if kept is not None:
+                size += sum(t.numel() * t.element_size() for t in batch.inputs.values())
+                if size <= BATCH_CACHE_BYTES:
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield batch
+        if kept is not None:
+            self._batches = kept
+
+    @property
+    def fidelity_references(self) -> frozenset[str]:
+        """Backends another backend of this case compares with (their outputs are kept)."""
+        return frozenset(spec.fidelity.reference for spec in self.case.spec.backends.values()
+                         if spec.fidelity is not None)
+
+    def evaluation(self, backend: str) -> Evaluation:
+        """`backend`'s run over the evaluation set (metric, fidelity, first batch), computed once
+        per context and shared by the checks (`harness.evaluation`)."""
+        if backend not in self._evaluations:
+            from harness.evaluation import evaluate
+
+            self._evaluations[backend] = evaluate(self, backend)
+        return self._evaluations[backend]
+
+    @property
+    def float_reference(self) -> str:
+        """The backend whose outputs are the golden reference and whose metric is the float metric."""
+        return backend_with_role(FLOAT_REFERENCE)
+
+    def float_metric(self) -> dict[str, Any]:
+        """The float model's metric (the float reference backend on this run's device), cached on disk."""
+        assert self.case.spec.metric is not None
+        key = content_key("float-metric", self.model_key, self.case.spec.data.model_dump(),
+                          self.case.spec.metric.model_dump(), self.case.spec.task_args, library_versions(),
+                          self.options.device.type)
+
+        def compute() -> dict[str, Any]:
+            values = self.evaluation(self.float_reference).metric
+            assert values is not None
+            return {"values": values.values, "primary": values.primary, "details": values.details}
+
+        return self.cache.json_value(f"{self.case.name}/float-metric", key, compute)
