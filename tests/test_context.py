@@ -109,13 +109,13 @@ def test_stage_feeds_fall_back_to_the_reference_without_golden(project: Path) ->
 
 
 def test_a_factory_that_raises_is_a_case_error_naming_it(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (project / "boom.py").write_text("def model(**kwargs):\n    raise RuntimeError('no weights here')\n")
+    (project / "boom_ctx.py").write_text("def model(**kwargs):\n    raise RuntimeError('no weights here')\n")
     monkeypatch.syspath_prepend(str(project))
     path = project / "cases" / "tiny.yaml"
-    path.write_text(path.read_text().replace('"tiny:make"', '"boom:model"'))
+    path.write_text(path.read_text().replace('"tiny:make"', '"boom_ctx:model"'))
     run = make_run(project)
-    with pytest.raises(CaseError, match=r"key 'model.factory': boom:model raised RuntimeError: no weights here "
-                                        r"\(at .*boom.py:2, in model\)"):
+    with pytest.raises(CaseError, match=r"key 'model.factory': boom_ctx:model raised RuntimeError: no weights here "
+                                        r"\(at .*boom_ctx.py:2, in model\)"):
         run.float_model()
 
 

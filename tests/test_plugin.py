@@ -253,7 +253,7 @@ def test_benchmark_items_time_each_backend_through_pytest_benchmark(project: pyt
 def test_collecting_never_calls_factories(project: pytest.Pytester) -> None:
     """A staged case whose model and data factories would fail collects all its items: stage
     names come from the case file, nothing is built before an item runs."""
-    project.makepyfile(boom='''
+    project.makepyfile(boom_collect='''
 def model(**kwargs):
     raise RuntimeError("the model factory ran")
 
@@ -265,8 +265,8 @@ class Data:
     (project.path / "cases" / "tiny.yaml").write_text("""\
 name: staged
 task: tensors
-model: {factory: "boom:model"}
-data: {factory: "boom:Data"}
+model: {factory: "boom_collect:model"}
+data: {factory: "boom_collect:Data"}
 golden: {dir: golden/staged, samples: 1}
 stages:
   first: {inputs: [x], outputs: [y]}
