@@ -141,3 +141,10 @@ def test_editing_model_code_makes_every_backends_golden_stale(project: Path, mon
         with pytest.raises(GoldenError, match="stale: the code of editable changed"):
             run_check(run, "golden", backend, "model")
     assert run.float_onnx()["model"] != old_export
+
+
+def test_more_golden_samples_than_data_is_an_error(project: Path) -> None:
+    path = project / "cases" / "tiny.yaml"
+    path.write_text(path.read_text().replace("samples: 2", "samples: 9"))
+    with pytest.raises(CaseError, match=r"key 'golden.samples': golden.samples 9 is more than the 4 samples"):
+        _ = make_run(project, update=True).reference

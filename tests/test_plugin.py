@@ -279,3 +279,11 @@ backends:
     assert result.ret == 0, result.stdout.str()
     result.stdout.fnmatch_lines(["*staged[[]torch-fp32[]]::golden[[]first[]]", "*staged[[]ort-fp32[]]::benchmark[[]second[]]"])
     assert "factory ran" not in result.stdout.str()
+
+
+def test_a_report_dir_that_is_a_file_is_a_usage_error_before_anything_runs(project: pytest.Pytester) -> None:
+    (project.path / "report.md").write_text("mine")
+    result = project.runpytest("cases/", "--report-dir", "report.md")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--report-dir report.md is a file; name a folder*"])
+    assert (project.path / "report.md").read_text() == "mine"
