@@ -314,7 +314,11 @@ class CaseContext:
     def reference(self) -> dict[str, StageRecord]:
         """The float reference run on the golden samples: every stage's feeds and outputs."""
         program = self.program(self.float_model())
-        inputs = self.adapter.golden_inputs(self.dataset(), self.case.spec.golden.samples)
+        samples, dataset = self.case.spec.golden.samples, self.dataset()
+        if samples > len(dataset):
+            raise self.case.error(f"golden.samples {samples} is more than the {len(dataset)} samples of the "
+                                  "evaluation data", "golden", "samples")
+        inputs = self.adapter.golden_inputs(dataset, samples)
         records: dict[str, StageRecord] = {}
 
         def call(name: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -75,6 +75,8 @@ class HarnessState:
         self.profile: str = config.getoption("--profile")
         cache = config.getoption("--qharness-cache") or os.environ.get("QHARNESS_CACHE")
         report_dir = config.getoption("--report-dir")
+        if report_dir and Path(report_dir).exists() and not Path(report_dir).is_dir():
+            raise pytest.UsageError(f"--report-dir {report_dir} is a file; name a folder (it is created if missing)")
         self.options = RunOptions(
             device=_device(config.getoption("--device")),
             cache_dir=Path(cache) if cache else config.rootpath / ".qharness_cache",

@@ -109,13 +109,13 @@ def test_stage_feeds_fall_back_to_the_reference_without_golden(project: Path) ->
 
 
 def test_a_factory_that_raises_is_a_case_error_naming_it(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (project / "boom.py").write_text("def model(**kwargs):\n    raise RuntimeError('no weights here')\n")
+    (project / "boom_ctx.py").write_text("def model(**kwargs):\n    raise RuntimeError('no weights here')\n")
     monkeypatch.syspath_prepend(str(project))
     path = project / "cases" / "tiny.yaml"
-    path.write_text(path.read_text().replace('"tiny:make"', '"boom:model"'))
+    path.write_text(path.read_text().replace('"tiny:make"', '"boom_ctx:model"'))
     run = make_run(project)
-    with pytest.raises(CaseError, match=r"key 'model.factory': boom:model raised RuntimeError: no weights here "
-                                        r"\(at .*boom.py:2, in model\)"):
+    with pytest.raises(CaseError, match=r"key 'model.factory': boom_ctx:model raised RuntimeError: no weights here "
+                                        r"\(at .*boom_ctx.py:2, in model\)"):
         run.float_model()
 
 
@@ -141,3 +141,10 @@ def test_editing_model_code_makes_every_backends_golden_stale(project: Path, mon
         with pytest.raises(GoldenError, match="stale: the code of editable changed"):
             run_check(run, "golden", backend, "model")
     assert run.float_onnx()["model"] != old_export
+
+
+def test_more_golden_samples_than_data_is_an_error(project: Path) -> None:
+    path = project / "cases" / "tiny.yaml"
+    path.write_text(path.read_text().replace("samples: 2", "samples: 9"))
+    with pytest.raises(CaseError, match=r"key 'golden.samples': golden.samples 9 is more than the 4 samples"):
+        _ = make_run(project, update=True).reference

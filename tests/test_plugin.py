@@ -253,7 +253,7 @@ def test_benchmark_items_time_each_backend_through_pytest_benchmark(project: pyt
 def test_collecting_never_calls_factories(project: pytest.Pytester) -> None:
     """A staged case whose model and data factories would fail collects all its items: stage
     names come from the case file, nothing is built before an item runs."""
-    project.makepyfile(boom='''
+    project.makepyfile(boom_collect='''
 def model(**kwargs):
     raise RuntimeError("the model factory ran")
 
@@ -265,8 +265,8 @@ class Data:
     (project.path / "cases" / "tiny.yaml").write_text("""\
 name: staged
 task: tensors
-model: {factory: "boom:model"}
-data: {factory: "boom:Data"}
+model: {factory: "boom_collect:model"}
+data: {factory: "boom_collect:Data"}
 golden: {dir: golden/staged, samples: 1}
 stages:
   first: {inputs: [x], outputs: [y]}
@@ -279,3 +279,11 @@ backends:
     assert result.ret == 0, result.stdout.str()
     result.stdout.fnmatch_lines(["*staged[[]torch-fp32[]]::golden[[]first[]]", "*staged[[]ort-fp32[]]::benchmark[[]second[]]"])
     assert "factory ran" not in result.stdout.str()
+
+
+def test_a_report_dir_that_is_a_file_is_a_usage_error_before_anything_runs(project: pytest.Pytester) -> None:
+    (project.path / "report.md").write_text("mine")
+    result = project.runpytest("cases/", "--report-dir", "report.md")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--report-dir report.md is a file; name a folder*"])
+    assert (project.path / "report.md").read_text() == "mine"
