@@ -39,6 +39,8 @@ MAX_RTOL = 1.0e3
 MAX_SNR_DB = 1.0e3
 #: factory arguments whose names end so are paths, resolved (and confined) like case paths
 PATH_ARG_SUFFIXES = ("_dir", "_path", "_file")
+PATH_ARG_NAMES = ("root", "dataroot")
+"""Factory arguments with these suffixes or names are paths: resolved against the project root."""
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -89,6 +91,7 @@ class GoldenSpec(_Strict):
 
     dir: str
     samples: int = Field(1, ge=1, le=MAX_BATCH)
+    allow_nonfinite: bool = Field(False, description="store reference outputs holding NaN/Inf (refused by default)")
 
 
 class ToleranceSpec(_Strict):
@@ -357,7 +360,7 @@ class Case:
                    (("data", "train", "args"), s.data.train.args)]
         for where, args in sources:
             for name, value in args.items():
-                if isinstance(value, str) and name.endswith(PATH_ARG_SUFFIXES):
+                if isinstance(value, str) and (name.endswith(PATH_ARG_SUFFIXES) or name in PATH_ARG_NAMES):
                     self.resolve_path(value, *where, name)
 
     def line_of(self, *key: str) -> int | None:

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness import tensorfile
 from harness.backends.base import PrepareContext, Runner
 from harness.backends.registry import (
     FLOAT_REFERENCE,
@@ -35,7 +34,7 @@ from harness.backends.registry import (
     backend_with_role,
 )
 from harness.cache import Cache, content_key, file_sha256
-from harness.cases import DEFAULT_PROFILE, Case
+from harness.cases import DEFAULT_PROFILE, PATH_ARG_NAMES, PATH_ARG_SUFFIXES, Case
 from harness.compare import Tolerance
 from harness.environment import library_versions
 from harness.errors import BackendUnavailable, GoldenError, HarnessError
@@ -64,6 +63,8 @@ class RunOptions:
     cache_dir: Path
     update_golden: bool = False
     report_dir: Path | None = None
+    overwrite_golden: bool = False
+    allow_outside_root: bool = False
 
     @staticmethod
     def default(root: Path = Path(".")) -> RunOptions:
@@ -103,10 +104,6 @@ def regenerate_command(case: Case) -> str:
     return f"pytest {rel} --update-golden{profile}"
 
 
-PATH_ARG_SUFFIXES = ("_dir", "_path", "_file")
-
-
-PATH_ARG_NAMES = ("root", "dataroot")
 
 
 def factory_failure(factory: str, exc: BaseException) -> str:
@@ -377,30 +374,12 @@ class CaseContext:
             "stages": {n: {"inputs": list(r.inputs), "outputs": list(r.outputs)} for n, r in reference.items()},
             "model_fingerprint": self.fingerprint.to_dict(),
         }
-        model_files = self._write_model_files()
-        self.golden.write({"inputs": inputs, "outputs": outputs}, meta, self.adapter.golden_layout())
-        if model_files:
-            self.golden.update_meta(lambda m: m["files"].update(model_files))
-        self._golden_written = True
-
-    def _write_model_files(self) -> dict[str, str]:
-        """Save the float model's `golden_files()` (e.g. FastBEV's lookup tables) as
-        `<golden dir>/<name>.tensor`, each atomically; returns their sha256 by file name.
-
-        They are written before meta.json so that a meta.json naming them never points at
-        missing files; their hashes then join meta.json's `files`.
-        """
         provide = getattr(self._float_model, "golden_files", None)
-        if not callable(provide):
-            return {}
-        hashes = {}
-        for name, array in provide().items():
-            if not name or Path(name).name != name or name.startswith("."):
-                raise GoldenError(f"{type(self._float_model).__name__}.golden_files(): '{name}' is not a plain file name")
-            path = self.golden.dir / f"{name}.tensor"
-            tensorfile.save(path, np.asarray(array))
-            hashes[path.name] = file_sha256(path)
-        return hashes
+        model_files = {name: np.asarray(a) for name, a in provide().items()} if callable(provide) else {}
+        self.golden.write({"inputs": inputs, "outputs": outputs}, meta, self.adapter.golden_layout(),
+                          model_files=model_files, allow_nonfinite=self.case.spec.golden.allow_nonfinite,
+                          overwrite_other_case=self.options.overwrite_golden)
+        self._golden_written = True
 
     def stage_feeds(self) -> dict[str, dict[str, torch.Tensor]]:
         """Example feeds per stage for exports: golden inputs when present, else the reference."""

@@ -290,7 +290,7 @@ class GoldenStore:
         old_case, new_case = old.get("case"), meta.get("case")
         if old_case is not None and old_case != new_case and not overwrite_other_case:
             raise GoldenError(f"refusing to overwrite {self.dir}: its meta.json belongs to case '{old_case}', "
-                              f"not '{new_case}'; give this case its own golden.dir (or force the overwrite)")
+                              f"not '{new_case}'; give this case its own golden.dir (or force the overwrite: --overwrite-golden)")
         if not self.meta_path.is_file():
             foreign = sorted(p.name for p in self.dir.iterdir() if p.is_dir() and p.name not in KINDS)
             if foreign:

@@ -40,6 +40,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run only these backends (repeatable, comma lists); known: " + ", ".join(known_backends()))
     group.addoption("--update-golden", action="store_true", default=False,
                     help="regenerate golden files and metric baselines (written atomically)")
+    group.addoption("--overwrite-golden", action="store_true", default=False,
+                    help="with --update-golden: replace a golden folder whose meta.json names another case")
+    group.addoption("--allow-outside-root", action="store_true", default=False,
+                    help="let case files name paths outside the project root (golden dirs, checkpoints, data); "
+                         "also the ini option qharness_allow_outside_root")
     group.addoption("--report-dir", default=None, metavar="DIR",
                     help="write report.md, report.json and pictures to DIR")
     group.addoption("--qharness-cache", default=None, metavar="DIR",
@@ -50,6 +55,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="device for PyTorch backends and ONNX Runtime's provider choice (default: auto)")
     parser.addini("qharness_case_dirs", "folder names whose YAML files are cases", type="args", default=["cases"])
+    parser.addini("qharness_allow_outside_root", "let case files name paths outside the project root", type="bool",
+                  default=False)
 
 
 def selected_backends(values: list[str]) -> tuple[str, ...] | None:
@@ -82,6 +89,8 @@ class HarnessState:
             cache_dir=Path(cache) if cache else config.rootpath / ".qharness_cache",
             update_golden=bool(config.getoption("--update-golden")),
             report_dir=Path(report_dir) if report_dir else None,
+            overwrite_golden=bool(config.getoption("--overwrite-golden")),
+            allow_outside_root=bool(config.getoption("--allow-outside-root") or config.getini("qharness_allow_outside_root")),
         )
         self.runs: dict[Path, CaseContext] = {}
         self.records: list[Record] = []
@@ -155,7 +164,8 @@ class CaseFile(pytest.File):
     def collect(self) -> Iterator[pytest.Item | pytest.Collector]:
         """Validate the case and yield `<case>[<backend>]` collectors in report order."""
         state = self.config.stash[_STATE]
-        case = load_case(self.path, root=self.config.rootpath, profile=state.profile)
+        case = load_case(self.path, root=self.config.rootpath, profile=state.profile,
+                         allow_outside_root=state.options.allow_outside_root)
         run = state.run_for(case)
         run.validate()
         for backend in known_backends():

@@ -287,3 +287,37 @@ def test_a_report_dir_that_is_a_file_is_a_usage_error_before_anything_runs(proje
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*--report-dir report.md is a file; name a folder*"])
     assert (project.path / "report.md").read_text() == "mine"
+
+
+def test_update_golden_refuses_another_cases_folder_unless_told(project: pytest.Pytester) -> None:
+    project.runpytest("cases/", "--update-golden", "--backend", "torch-fp32", "-m", "golden")
+    other = CASE.replace("name: tiny", "name: other")
+    (project.path / "cases" / "other.yaml").write_text(other)
+    result = project.runpytest("cases/other.yaml", "--update-golden", "--backend", "torch-fp32", "-m", "golden")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*its meta.json belongs to case 'tiny', not 'other'*(or force the overwrite: --overwrite-golden)*"])
+    assert json.loads((project.path / "golden/tiny/meta.json").read_text())["case"] == "tiny"
+    result = project.runpytest("cases/other.yaml", "--update-golden", "--overwrite-golden", "--backend", "torch-fp32",
+                               "-m", "golden")
+    result.assert_outcomes(passed=1)
+    assert json.loads((project.path / "golden/tiny/meta.json").read_text())["case"] == "other"
+
+
+def test_compare_none_is_a_skip_that_says_so(project: pytest.Pytester) -> None:
+    text = CASE.replace("ort-fp32: {compare: {atol: 1.0e-4, rtol: 1.0e-3}}", "ort-fp32: {compare: none}")
+    (project.path / "cases" / "tiny.yaml").write_text(text)
+    project.runpytest("cases/", "--update-golden", "--backend", "torch-fp32", "-m", "golden")
+    result = project.runpytest("cases/", "--backend", "ort-fp32", "-m", "golden", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*ort-fp32: not compared (the case says compare: none)*"])
+
+
+def test_paths_outside_the_project_need_the_option(project: pytest.Pytester, tmp_path_factory: pytest.TempPathFactory) -> None:
+    outside = tmp_path_factory.mktemp("elsewhere")
+    text = CASE.replace("golden: {dir: golden/tiny, samples: 2}", f"golden: {{dir: {outside}/golden, samples: 2}}")
+    (project.path / "cases" / "tiny.yaml").write_text(text)
+    result = project.runpytest("cases/", "--collect-only")
+    result.stdout.fnmatch_lines(["*key 'golden.dir'*"])
+    assert result.ret != 0
+    result = project.runpytest("cases/", "--collect-only", "--allow-outside-root")
+    assert result.ret == 0

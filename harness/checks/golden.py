@@ -12,7 +12,7 @@ import torch
 from harness.checks.base import Check, ItemSpec, per_stage
 from harness.compare import CompareResult, compare, failure_table
 from harness.context import ItemFailure
-from harness.errors import HarnessError
+from harness.errors import BackendUnavailable, HarnessError
 from harness.records import Record
 
 if TYPE_CHECKING:
@@ -36,6 +36,8 @@ class GoldenCheck(Check):
         GoldenError when golden files are missing or stale."""
         started = time.perf_counter()
         stage = item.stage or "model"
+        if ctx.case.spec.backends[backend].compare.disabled:
+            raise BackendUnavailable(f"{backend}: not compared (the case says compare: none)")
         golden = ctx.golden_record()[stage]
         runner = ctx.runner(backend)
         feeds = {n: torch.from_numpy(a) for n, a in golden.inputs.items()}
