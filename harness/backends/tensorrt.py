@@ -341,7 +341,7 @@ class IoTensor:
 def precision_of(type_text: str) -> str:
     """Precision named in an inspector type string: 10.x "Format/Datatype" ("Row major linear
     FP32" -> fp32) or 11.x "DataType" ("Half" -> fp16, "Int4" -> int4); "unknown" otherwise."""
-    for word in re.findall(r"[A-Za-z]+[0-9]*", type_text):
+    for word in re.findall(r"[A-Za-z][A-Za-z0-9]*", type_text):
         precision = _PRECISION_WORDS.get(word.lower())
         if precision:
             return precision
