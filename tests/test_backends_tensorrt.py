@@ -19,10 +19,10 @@ from torch import nn
 from harness.backends import tensorrt as trt_backend
 from harness.backends.registry import backend_class
 from harness.backends.tensorrt import (
-    NO_CUDA,
-    NOT_INSTALLED,
     FLOAT_GRAPH,
     FP16_GRAPH,
+    NO_CUDA,
+    NOT_INSTALLED,
     BuildOptions,
     BuildPlan,
     EngineSpec,

@@ -15,7 +15,13 @@ from torch import nn
 from harness.backends.tensorrt import fp16_graphs
 from harness.cache import Cache
 from harness.errors import ExportError
-from harness.export.fp16 import convert_file, converter_version, qdq_high_precision, to_fp16, value_types
+from harness.export.fp16 import (
+    convert_file,
+    converter_version,
+    qdq_high_precision,
+    to_fp16,
+    value_types,
+)
 from harness.export.onnx import export_stage
 from harness.program import Stage
 
@@ -145,7 +151,7 @@ def test_convert_file_and_unreadable_source(tmp_path: Path) -> None:
     out = convert_file(tmp_path / "m.onnx", tmp_path / "m16.onnx")
     assert value_types(onnx.load(str(out)))  # a readable, typed graph
     (tmp_path / "bad.onnx").write_bytes(b"not onnx")
-    with pytest.raises(ExportError, match="bad.onnx"):
+    with pytest.raises(ExportError, match=r"bad\.onnx"):
         convert_file(tmp_path / "bad.onnx", tmp_path / "x.onnx")
     assert converter_version().startswith("onnxconverter-common ")
 

@@ -28,7 +28,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
 from onnx import TensorProto, helper
 
 from harness.atomic import write_bytes_atomic
@@ -143,7 +142,7 @@ def convert_file(source: Path, target: Path, high_precision_qdq: bool = False) -
     `high_precision_qdq`) and write it atomically to `target`; returns `target`."""
     try:
         model = onnx.load(str(source))
-    except (OSError, ValueError, DecodeError) as exc:
+    except Exception as exc:  # OSError, protobuf's DecodeError, onnx's errors alike
         raise ExportError(f"{source}: cannot read the ONNX file for FP16 conversion: {exc}") from exc
     converted = qdq_high_precision(model, str(source)) if high_precision_qdq else to_fp16(model, str(source))
     write_bytes_atomic(target, converted.SerializeToString())
