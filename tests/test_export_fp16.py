@@ -63,7 +63,7 @@ class QDQNet(nn.Module):
         return out
 
 
-IMAGE = torch.rand(2, 3, 16, 16)
+IMAGE = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
 
 
 def _export(module: nn.Module, path: Path, outputs: tuple[str, ...]) -> onnx.ModelProto:
@@ -137,7 +137,8 @@ def test_qdq_high_precision_keeps_qdq_fp32_and_the_rest_fp16(tmp_path: Path) -> 
     assert conv_data == {HALF}  # both convs compute in fp16: the quantized one after DQ -> Cast
     assert all(v.type.tensor_type.elem_type == FLOAT for v in (*converted.graph.input, *converted.graph.output))
     (ours,), (ref,) = _run(converted), _run(source)
-    np.testing.assert_allclose(ours, ref, atol=2e-2, rtol=2e-2)
+    # fp16 arithmetic after exact int8 codes: errors of a few fp16 ulps of the output's range
+    assert np.abs(ours - ref).max() <= 2e-2 * np.abs(ref).max()
     assert _cosine(ours, ref) > 0.9999
 
 
