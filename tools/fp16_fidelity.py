@@ -3,6 +3,8 @@
 For each case: export (or take from the cache) the float ONNX of every stage, convert it with
 `harness.export.fp16.to_fp16`, run both in ONNX Runtime's CPU provider on the golden stage
 inputs, and print cosine similarity and max |error| of every output against the fp32 ONNX.
+With --qdq, the same for trt-int8's `high_precision: fp16` graph: the TensorRT-layout Q/DQ ONNX
+rewritten by `qdq_high_precision` against the Q/DQ ONNX as exported (fp32 remainder).
 
     PYTHONPATH=. .venv/bin/python tools/fp16_fidelity.py cases/pidnet_s.yaml cases/fastbev_r18.yaml \
         cases/bevfusion_camera.yaml --cache /tmp/qh-cache-trt
@@ -35,16 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cases", nargs="+", type=Path)
     parser.add_argument("--cache", type=Path, default=Path(".qharness_cache"))
+    parser.add_argument("--qdq", action="store_true", help="the Q/DQ graph with an FP16 remainder instead")
     args = parser.parse_args(argv)
-    print("case | stage | output | cosine fp16 vs fp32 | 1 - cosine | max abs err | max abs ref")
+    print(f"case | stage | output | cosine {'int8+fp16 vs int8+fp32' if args.qdq else 'fp16 vs fp32'} | 1 - cosine | max abs err | max abs ref")
     for case_path in args.cases:
         case = load_case(case_path)
         options = RunOptions.default()
         ctx = CaseContext(case, RunOptions(device=options.device, cache_dir=args.cache))
         record = ctx.golden_record()
-        for stage, path in ctx.float_onnx().items():
+        sources = ctx.qdq_onnx("tensorrt") if args.qdq else ctx.float_onnx()
+        for stage, path in sources.items():
             fp16_path = path.with_name(f"{path.stem}.fp16.onnx")
-            convert_file(path, fp16_path)
+            convert_file(path, fp16_path, high_precision_qdq=args.qdq)
             feeds = {n: np.ascontiguousarray(a) for n, a in record[stage].inputs.items()}
             ref, out = _run(path, feeds), _run(fp16_path, feeds)
             for name, value in ref.items():
