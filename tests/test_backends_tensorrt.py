@@ -23,6 +23,7 @@ from harness.backends.tensorrt import (
     FP16_GRAPH,
     NO_CUDA,
     NOT_INSTALLED,
+    QDQ_FP16_GRAPH,
     BuildOptions,
     BuildPlan,
     EngineSpec,
@@ -332,7 +333,8 @@ def test_build_plans_on_tensorrt_11_and_later_use_no_flags(version: str) -> None
     assert (fp16.options, fp16.graph) == (BuildOptions(strongly_typed=True, flags=()), FP16_GRAPH)
     assert fp16.describe()["graph"].startswith("FP16 by graph")
     int8 = build_plan("trt-int8", version)
-    assert (int8.options.flags, int8.graph, int8.precision) == ((), FP16_GRAPH, "int8+fp16")
+    assert (int8.options.flags, int8.graph, int8.precision) == ((), QDQ_FP16_GRAPH, "int8+fp16")
+    assert int8.describe()["graph"].startswith("FP16 by graph")
     strict = build_plan("trt-int8", version, "fp32")
     assert (strict.options.flags, strict.graph, strict.describe()["graph"]) == ((), FLOAT_GRAPH, "as exported")
     with pytest.raises(HarnessError, match="ort-int8"):
@@ -452,7 +454,7 @@ def _graph(cache: Cache, onnx_path: Path, plan: BuildPlan) -> Path:
     """The ONNX the plan builds: the export, or its FP16 graph (TensorRT 11)."""
     if plan.graph == FLOAT_GRAPH:
         return onnx_path
-    return trt_backend.fp16_graphs(cache, "tiny", {"model": onnx_path}, qdq=plan.precision.startswith("int8"))["model"]
+    return trt_backend.fp16_graphs(cache, "tiny", {"model": onnx_path}, qdq=plan.graph == QDQ_FP16_GRAPH)["model"]
 
 
 def _load(cache: Cache, onnx_path: Path, options: BuildOptions) -> tuple[trt_backend.TrtRunner, trt_backend.LoadedEngine]:

@@ -13,7 +13,9 @@ rewritten by `qdq_high_precision` against the Q/DQ ONNX as exported (fp32 remain
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qdq", action="store_true", help="the Q/DQ graph with an FP16 remainder instead")
     args = parser.parse_args(argv)
     print(f"case | stage | output | cosine {'int8+fp16 vs int8+fp32' if args.qdq else 'fp16 vs fp32'} | 1 - cosine | max abs err | max abs ref")
+    scratch = Path(tempfile.mkdtemp(prefix="qh-fp16-"))
     for case_path in args.cases:
         case = load_case(case_path)
         options = RunOptions.default()
@@ -47,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         record = ctx.golden_record()
         sources = ctx.qdq_onnx("tensorrt") if args.qdq else ctx.float_onnx()
         for stage, path in sources.items():
-            fp16_path = path.with_name(f"{path.stem}.fp16.onnx")
-            convert_file(path, fp16_path, high_precision_qdq=args.qdq)
+            fp16_path = convert_file(path, scratch / f"{case.name}-{stage}.fp16.onnx", high_precision_qdq=args.qdq)
             feeds = {n: np.ascontiguousarray(a) for n, a in record[stage].inputs.items()}
             ref, out = _run(path, feeds), _run(fp16_path, feeds)
             for name, value in ref.items():
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 cos = cosine_similarity(out[name], value)
                 print(f"{case.name} | {stage} | {name} | {cos:.6f} | {1 - cos:.2e} | "
                       f"{err:.4g} | {float(np.max(np.abs(value))):.4g}", flush=True)
+    shutil.rmtree(scratch)
     return 0
 
 

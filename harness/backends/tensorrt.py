@@ -87,6 +87,7 @@ _PRECISION_WORDS = {
 }
 FLOAT_GRAPH = "float"
 FP16_GRAPH = "fp16"
+QDQ_FP16_GRAPH = "qdq-fp16"
 HighPrecision = Literal["fp16", "fp32"]
 BuilderFlagName = Literal["FP16", "INT8"]
 
@@ -145,8 +146,9 @@ def tensorrt_major(version: str) -> int:
 class BuildPlan:
     """What one backend builds on one TensorRT major: which graph, and how the network is built.
 
-    `graph` is FLOAT_GRAPH (the ONNX as exported) or FP16_GRAPH (converted by
-    `harness.export.fp16`: `to_fp16` for a float ONNX, `qdq_high_precision` for a Q/DQ ONNX).
+    `graph` is FLOAT_GRAPH (the ONNX as exported), FP16_GRAPH (a float ONNX converted by
+    `harness.export.fp16.to_fp16`) or QDQ_FP16_GRAPH (a Q/DQ ONNX converted by
+    `qdq_high_precision`).
     """
 
     options: BuildOptions
@@ -177,7 +179,7 @@ def build_plan(backend: str, version: str, high_precision: HighPrecision = "fp16
             if high_precision == "fp16":
                 return BuildPlan(BuildOptions(strongly_typed=False, flags=("INT8", "FP16")), FLOAT_GRAPH, precision)
             return BuildPlan(BuildOptions(strongly_typed=True, flags=()), FLOAT_GRAPH, precision)
-        graph = FP16_GRAPH if high_precision == "fp16" else FLOAT_GRAPH
+        graph = QDQ_FP16_GRAPH if high_precision == "fp16" else FLOAT_GRAPH
         return BuildPlan(BuildOptions(strongly_typed=True, flags=()), graph, precision)
     raise HarnessError(f"no TensorRT build plan for backend '{backend}'")
 
@@ -816,8 +818,8 @@ def engine_runner(ctx: PrepareContext, onnx_paths: Mapping[str, Path], plan: Bui
     where it says so) and open execution contexts on `ctx.device`."""
     import tensorrt as trt
 
-    if plan.graph == FP16_GRAPH:
-        onnx_paths = fp16_graphs(ctx.cache, ctx.case.name, onnx_paths, qdq=plan.precision.startswith("int8"))
+    if plan.graph != FLOAT_GRAPH:
+        onnx_paths = fp16_graphs(ctx.cache, ctx.case.name, onnx_paths, qdq=plan.graph == QDQ_FP16_GRAPH)
     precision = plan.precision
     options = plan.options
     device = torch.device("cuda", cuda_index(ctx.device))
