@@ -636,7 +636,7 @@ def load_engine(cache: Cache, namespace: str, onnx_path: Path, spec: EngineSpec,
                 meta = json.loads((folder / META_FILE).read_text())
                 layers = layer_precisions((folder / INSPECTOR_FILE).read_text())
                 data = (folder / ENGINE_FILE).read_bytes()
-            except (OSError, ValueError, AttributeError) as exc:
+            except (OSError, ValueError, AttributeError, HarnessError) as exc:
                 raise _Unusable(str(exc)) from exc
             if meta != spec.describe():
                 raise _Unusable("its meta.json describes another ONNX, TensorRT version, GPU or build")
