@@ -142,9 +142,12 @@ def test_qdq_high_precision_keeps_qdq_fp32_and_the_rest_fp16(tmp_path: Path) -> 
     assert _cosine(ours, ref) > 0.9999
 
 
-def test_qdq_high_precision_needs_a_qdq_graph(tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match="not a Q/DQ graph"):
-        qdq_high_precision(_export(Sensitive(), tmp_path / "m.onnx", ("logits", "probs")), "m.onnx")
+def test_qdq_high_precision_of_a_stage_without_qdq_is_the_fp16_graph(tmp_path: Path) -> None:
+    # A stage the quantization leaves float (BEVFusion's camera_vtransform) still runs in FP16.
+    source = _export(Sensitive(), tmp_path / "m.onnx", ("logits", "probs"))
+    converted = qdq_high_precision(source, "m.onnx")
+    assert converted.graph == to_fp16(source).graph
+    assert _op_types(converted, "Conv", value_types(converted)) == {HALF}
 
 
 def test_convert_file_and_unreadable_source(tmp_path: Path) -> None:
