@@ -506,10 +506,14 @@ def build_serialized_engine(onnx_path: Path, spec: EngineSpec, timing_cache: byt
     version = spec.tensorrt_version
     logger = trt_logger()
     _MESSAGES.errors.clear()
-    builder = trt.Builder(logger)
-    network = builder.create_network(network_flags(version, spec.options.strongly_typed))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    try:
+        builder = trt.Builder(logger)
+        network = builder.create_network(network_flags(version, spec.options.strongly_typed))
+        parser = trt.OnnxParser(network, logger)
+        parsed = parser.parse_from_file(str(onnx_path))
+    except Exception as exc:  # TensorRT raises its own error types from the binding
+        raise TensorRTError(onnx_path, version, "create the network and parse", str(exc)) from exc
+    if not parsed:
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         _MESSAGES.errors.clear()
         raise ExportError(format_parser_errors(f"{onnx_path} (TensorRT {version}, parse)", errors))
@@ -643,8 +647,8 @@ def load_engine(cache: Cache, namespace: str, onnx_path: Path, spec: EngineSpec,
             return LoadedEngine(deserialize(runtime, data), folder, layers)
         except _Unusable as exc:
             if attempt:
-                raise HarnessError(f"TensorRT engine {folder / ENGINE_FILE} is unusable right after building "
-                                   f"it: {exc}") from exc
+                raise TensorRTError(onnx_path, spec.tensorrt_version, "load the engine just built",
+                                    f"{folder / ENGINE_FILE} is unusable: {exc}") from exc
             cache.invalidate(namespace, key, str(exc))
     raise AssertionError("unreachable")
 
