@@ -95,7 +95,8 @@ BuilderFlagName = Literal["FP16", "INT8"]
 # -- availability ------------------------------------------------------------------------------
 
 def tensorrt_import_problem() -> str | None:
-    """None when the real TensorRT Python package imports, else why not (the skip reason).
+    """None when the real TensorRT Python package (10 or newer) imports, else why not (the skip
+    reason).
 
     A `tensorrt` folder of type stubs imports as an empty namespace package; only a module with
     the real `Builder` counts as installed.
@@ -110,6 +111,10 @@ def tensorrt_import_problem() -> str | None:
         return f"tensorrt cannot be imported: {exc}"
     if not hasattr(tensorrt, "Builder"):
         return NOT_INSTALLED
+    try:
+        tensorrt_major(str(getattr(tensorrt, "__version__", "")))
+    except HarnessError as exc:
+        return str(exc)
     return None
 
 
