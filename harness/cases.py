@@ -161,6 +161,8 @@ class BackendSpec(_Strict):
     compare: CompareSpec = Field(default_factory=CompareSpec)
     metric: GateSpec | None = None
     fidelity: FidelitySpec | None = None
+    high_precision: Literal["fp16", "fp32"] | None = Field(
+        None, description="trt-int8 only: type of the layers outside the quantized regions (default fp16)")
 
     @field_validator("compare", mode="before")
     @classmethod
@@ -285,6 +287,8 @@ class CaseSpec(_Strict):
     @model_validator(mode="after")
     def _fidelity_references(self) -> CaseSpec:
         for name, spec in self.backends.items():
+            if spec.high_precision is not None and name != "trt-int8":
+                raise ValueError(f"backends.{name}.high_precision: only trt-int8 takes high_precision")
             if spec.fidelity is not None and spec.fidelity.reference not in known_backends():
                 raise ValueError(f"backends.{name}.fidelity.reference: unknown backend '{spec.fidelity.reference}'")
         return self

@@ -19,21 +19,30 @@ from torch import nn
 from harness.backends import tensorrt as trt_backend
 from harness.backends.registry import backend_class
 from harness.backends.tensorrt import (
+    FLOAT_GRAPH,
+    FP16_GRAPH,
     NO_CUDA,
     NOT_INSTALLED,
+    QDQ_FP16_GRAPH,
     BuildOptions,
+    BuildPlan,
     EngineSpec,
     Gpu,
+    HighPrecision,
+    IoTensor,
     LayerPrecision,
     ProfileShapes,
     TimingCacheFile,
+    build_plan,
     format_parser_errors,
-    int8_options,
+    io_tensors,
     layer_precisions,
+    network_flags,
     precision_of,
     precision_summary,
     profile_shapes,
     stage_profiles,
+    tensorrt_major,
     timing_cache_key,
     torch_dtype,
     unavailable_reason,
@@ -146,11 +155,9 @@ def test_timing_cache_file_merges_under_lock(tmp_path: Path) -> None:
     assert store.path.parent == tmp_path / "tensorrt-timing"
 
 
-def test_int8_build_options() -> None:
-    assert int8_options(True) == BuildOptions(strongly_typed=True, flags=())
-    assert int8_options(False).flags == ("INT8", "FP16") and not int8_options(False).strongly_typed
-    assert int8_options(True).describe() == "strongly typed"
-    assert int8_options(False).describe() == "flags INT8+FP16"
+def test_build_options_describe() -> None:
+    assert BuildOptions(strongly_typed=True, flags=()).describe() == "strongly typed"
+    assert BuildOptions(strongly_typed=False, flags=("INT8", "FP16")).describe() == "flags INT8+FP16"
 
 
 # -- parser errors -------------------------------------------------------------------------------
@@ -285,6 +292,7 @@ def test_layers_listed_by_name_only() -> None:
     ("Row major linear FP32", "fp32"), ("Float", "fp32"), ("Half", "fp16"), ("BFloat16", "bf16"),
     ("Channel major BFloat16 format where channel % 8 == 0", "bf16"), ("Row major linear Int32", "int32"),
     ("Row major linear UInt8 format", "uint8"), ("Row major linear FP8 format", "fp8"), ("Unknown format", "unknown"),
+    ("Int8", "int8"), ("Int4", "int4"), ("FP4", "fp4"), ("E8M0", "e8m0"), ("Row major linear FP32 format (kLINEAR)", "fp32"),
 ])
 def test_precision_of_format_strings(text: str, precision: str) -> None:
     assert precision_of(text) == precision
@@ -295,6 +303,106 @@ def test_torch_dtypes_of_tensorrt_types() -> None:
     assert torch_dtype("INT64") is torch.int64 and torch_dtype("BOOL") is torch.bool
     with pytest.raises(HarnessError, match="FP4"):
         torch_dtype("FP4")
+
+
+# -- TensorRT 10 vs 11: version switch, inspector layouts, errors ----------------------------------
+
+@pytest.mark.parametrize(("version", "major"), [("10.13.3.9", 10), ("10.0.1", 10), ("11.1.0.4", 11), ("12", 12)])
+def test_tensorrt_major(version: str, major: int) -> None:
+    assert tensorrt_major(version) == major
+
+
+@pytest.mark.parametrize("version", ["", "x.1", "8.6.1", "9.3.0"])
+def test_tensorrt_major_rejects(version: str) -> None:
+    with pytest.raises(HarnessError, match="TensorRT"):
+        tensorrt_major(version)
+
+
+def test_build_plans_on_tensorrt_10() -> None:
+    fp16 = build_plan("trt-fp16", "10.13.3.9")
+    assert (fp16.options, fp16.graph) == (BuildOptions(strongly_typed=False, flags=("FP16",)), FLOAT_GRAPH)
+    int8 = build_plan("trt-int8", "10.13.3.9")
+    assert (int8.options, int8.graph, int8.precision) == (BuildOptions(False, ("INT8", "FP16")), FLOAT_GRAPH, "int8+fp16")
+    strict = build_plan("trt-int8", "10.13.3.9", "fp32")
+    assert (strict.options, strict.graph, strict.precision) == (BuildOptions(True, ()), FLOAT_GRAPH, "int8+fp32")
+
+
+@pytest.mark.parametrize("version", ["11.0.0", "11.4.1.2", "12.0"])
+def test_build_plans_on_tensorrt_11_and_later_use_no_flags(version: str) -> None:
+    fp16 = build_plan("trt-fp16", version)
+    assert (fp16.options, fp16.graph) == (BuildOptions(strongly_typed=True, flags=()), FP16_GRAPH)
+    assert fp16.describe()["graph"].startswith("FP16 by graph")
+    int8 = build_plan("trt-int8", version)
+    assert (int8.options.flags, int8.graph, int8.precision) == ((), QDQ_FP16_GRAPH, "int8+fp16")
+    assert int8.describe()["graph"].startswith("FP16 by graph")
+    strict = build_plan("trt-int8", version, "fp32")
+    assert (strict.options.flags, strict.graph, strict.describe()["graph"]) == ((), FLOAT_GRAPH, "as exported")
+    with pytest.raises(HarnessError, match="ort-int8"):
+        build_plan("ort-int8", version)
+
+
+def test_network_flags_without_tensorrt_where_no_flag_is_needed() -> None:
+    # 11.x never sets the deprecated STRONGLY_TYPED flag; a weakly typed 10.x network has none.
+    assert network_flags("11.1.0", strongly_typed=True) == 0
+    assert network_flags("10.13.3.9", strongly_typed=False) == 0
+
+
+def test_high_precision_option_of_the_case(tmp_path: Path) -> None:
+    from harness.cases import BackendSpec
+
+    assert trt_backend.high_precision(None) == "fp16"
+    assert trt_backend.high_precision(BackendSpec()) == "fp16"
+    assert trt_backend.high_precision(BackendSpec(high_precision="fp32")) == "fp32"
+    with pytest.raises(ValueError, match="high_precision"):
+        BackendSpec.model_validate({"high_precision": "bf16"})
+
+
+def test_tensorrt_error_names_onnx_version_and_step() -> None:
+    err = trt_backend.TensorRTError("/c/model.onnx", "11.1.0", "set builder flag FP16", "no such flag")
+    assert str(err) == "/c/model.onnx: TensorRT 11.1.0, set builder flag FP16: no such flag"
+    assert isinstance(err, HarnessError) and err.step == "set builder flag FP16"
+
+
+# The 11.x layout (TensorRT 11.0 IEngineInspector migration page): "Bindings" became "I/O Tensors"
+# objects, and a region's "Format/Datatype" is split into "Format" and "DataType".
+INSPECTOR_11 = json.dumps({"Layers": [
+    {"Name": "conv1 + relu1", "LayerType": "CaskConvolution",
+     "Inputs": [{"Name": "x_q", "Format": "Thirty-two wide channel vectorized row major", "DataType": "Int8"}],
+     "Outputs": [{"Name": "y", "Format": "Thirty-two wide channel vectorized row major", "DataType": "Int8"}]},
+    {"Name": "head", "LayerType": "CaskConvolution",
+     "Inputs": [{"Name": "y", "Format": "Channel major format where channel % 8 == 0", "DataType": "Half"}],
+     "Outputs": [{"Name": "z", "Format": "Row major linear", "DataType": "Float"}]},
+    {"Name": "bf", "LayerType": "Reformat", "Inputs": [{"Name": "z", "Format": "Row major linear", "DataType": "BFloat16"}],
+     "Outputs": []},
+    {"Name": "w4", "LayerType": "Gemm", "Inputs": [{"Name": "a", "Format": "Row major linear", "DataType": "Int4"}]},
+    {"Name": "f4", "LayerType": "Gemm", "Inputs": [{"Name": "a", "Format": "Row major linear", "DataType": "FP4"}]},
+    {"Name": "f8", "LayerType": "Gemm", "Inputs": [{"Name": "a", "Format": "Row major linear", "DataType": "FP8"}]},
+], "I/O Tensors": [
+    {"Name": "x", "IOMode": "Input", "DataType": "Float", "Dimensions": [1, 3, 16, 16], "Location": "Device",
+     "IsShapeInferenceIO": False, "ProfileInfo": [{"MinShape": [1, 3, 16, 16], "OptShape": [2, 3, 16, 16],
+                                                   "MaxShape": [4, 3, 16, 16],
+                                                   "Format": "Row major linear FP32 format (kLINEAR)"}]},
+    {"Name": "z", "IOMode": "Output", "DataType": "Half", "Dimensions": [1, 4, 16, 16], "Location": "Device",
+     "IsShapeInferenceIO": False},
+]})
+
+
+def test_layer_precisions_from_the_11x_layout() -> None:
+    assert [(layer.name, layer.precision) for layer in layer_precisions(INSPECTOR_11)] == [
+        ("conv1 + relu1", "int8"), ("head", "fp16"), ("bf", "bf16"), ("w4", "int4"), ("f4", "fp4"), ("f8", "fp8")]
+    assert "unknown" not in precision_summary(layer_precisions(INSPECTOR_11))
+
+
+def test_io_tensors_of_both_layouts() -> None:
+    assert io_tensors(INSPECTOR_11) == [IoTensor("x", "input", "fp32"), IoTensor("z", "output", "fp16")]
+    assert io_tensors(INSPECTOR) == [IoTensor("x", "unknown", "unknown"), IoTensor("z", "unknown", "unknown")]
+
+
+def test_inspector_text_that_is_not_json_is_an_error() -> None:
+    with pytest.raises(HarnessError, match="not JSON"):
+        layer_precisions("Layers: conv")
+    with pytest.raises(HarnessError, match="not a JSON object"):
+        io_tensors("[1, 2]")
 
 
 # -- real engines (TensorRT + CUDA only) ---------------------------------------------------------
@@ -336,6 +444,19 @@ def _export(module: nn.Module, path: Path) -> Path:
                         path, opset=17, simplify=False)
 
 
+def _plan(backend: str, high_precision: HighPrecision = "fp16") -> BuildPlan:
+    import tensorrt as trt
+
+    return build_plan(backend, trt.__version__, high_precision)
+
+
+def _graph(cache: Cache, onnx_path: Path, plan: BuildPlan) -> Path:
+    """The ONNX the plan builds: the export, or its FP16 graph (TensorRT 11)."""
+    if plan.graph == FLOAT_GRAPH:
+        return onnx_path
+    return trt_backend.fp16_graphs(cache, "tiny", {"model": onnx_path}, qdq=plan.graph == QDQ_FP16_GRAPH)["model"]
+
+
 def _load(cache: Cache, onnx_path: Path, options: BuildOptions) -> tuple[trt_backend.TrtRunner, trt_backend.LoadedEngine]:
     import tensorrt as trt
 
@@ -357,7 +478,10 @@ def test_fp16_engine_builds_runs_and_is_cached(tmp_path: Path) -> None:
     model = TinyNet().eval()
     onnx_path = _export(model, tmp_path / "tiny.onnx")
     cache = Cache(tmp_path / "cache")
-    runner, loaded = _load(cache, onnx_path, BuildOptions(strongly_typed=False, flags=("FP16",)))
+    plan = _plan("trt-fp16")
+    onnx_path = _graph(cache, onnx_path, plan)
+    runner, loaded = _load(cache, onnx_path, plan.options)
+    assert "fp16" in {layer.precision for layer in loaded.layers}, precision_summary(loaded.layers)
     for batch in (1, 3, 4):
         image = torch.rand(batch, 3, 16, 16)
         out = runner.run_stage("model", {"image": image})["logits"]
@@ -368,22 +492,27 @@ def test_fp16_engine_builds_runs_and_is_cached(tmp_path: Path) -> None:
     runner.timed_call("model", {"image": torch.rand(2, 3, 16, 16)})()
     assert loaded.layers and (loaded.folder / trt_backend.INSPECTOR_FILE).is_file()
     built_at = (loaded.folder / trt_backend.ENGINE_FILE).stat().st_mtime_ns
-    _, again = _load(cache, onnx_path, BuildOptions(strongly_typed=False, flags=("FP16",)))
+    _, again = _load(cache, onnx_path, plan.options)
     assert (again.folder / trt_backend.ENGINE_FILE).stat().st_mtime_ns == built_at
     (loaded.folder / trt_backend.ENGINE_FILE).write_bytes(b"not an engine")
     with pytest.warns(UserWarning, match="unusable"):
-        _, rebuilt = _load(cache, onnx_path, BuildOptions(strongly_typed=False, flags=("FP16",)))
+        _, rebuilt = _load(cache, onnx_path, plan.options)
     assert (rebuilt.folder / trt_backend.ENGINE_FILE).stat().st_size > 100
     runner.close()
 
 
 @needs_tensorrt
 @pytest.mark.gpu
-def test_qdq_engine_runs_int8_layers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("high_precision", ["fp16", "fp32"])
+def test_qdq_engine_runs_int8_layers(tmp_path: Path, high_precision: HighPrecision) -> None:
     model = TinyQDQNet().eval()
-    onnx_path = _export(model, tmp_path / "tiny_qdq.onnx")
-    runner, loaded = _load(Cache(tmp_path / "cache"), onnx_path, int8_options(trt_backend.supports_strongly_typed()))
-    assert "int8" in {layer.precision for layer in loaded.layers}, precision_summary(loaded.layers)
+    cache = Cache(tmp_path / "cache")
+    plan = _plan("trt-int8", high_precision)
+    onnx_path = _graph(cache, _export(model, tmp_path / "tiny_qdq.onnx"), plan)
+    runner, loaded = _load(cache, onnx_path, plan.options)
+    precisions = {layer.precision for layer in loaded.layers}
+    assert "int8" in precisions, precision_summary(loaded.layers)
+    assert (high_precision in precisions) or high_precision == "fp32", precision_summary(loaded.layers)
     image = torch.rand(2, 3, 16, 16)
     out = runner.run_stage("model", {"image": image})["logits"].cpu()
     with torch.no_grad():
@@ -404,4 +533,4 @@ def test_parser_rejection_lists_the_node(tmp_path: Path) -> None:
     path = tmp_path / "bad.onnx"
     onnx.save(model, str(path))
     with pytest.raises(ExportError, match=r"node 0 'bad_node' \(NoSuchOp\)"):
-        _load(Cache(tmp_path / "cache"), path, BuildOptions(strongly_typed=False, flags=("FP16",)))
+        _load(Cache(tmp_path / "cache"), path, _plan("trt-fp16").options)

@@ -8,9 +8,18 @@ so an engine of another version or GPU is never loaded. A cached engine that can
 deserialised is rebuilt with a warning. One timing cache per TensorRT version and GPU speeds up
 later builds.
 
-trt-int8 builds a strongly typed network where TensorRT supports it (10.x: precisions come from
-the Q/DQ graph, layers outside Q/DQ pairs run in the ONNX's float32), else it sets the INT8 and FP16
-builder flags. Engines run through `set_tensor_address` / `execute_async_v3` on a torch CUDA stream
+The build path is chosen by TensorRT's major version (`build_plan`), never by probing attributes:
+
+* 10.x: trt-fp16 builds the float ONNX weakly typed with the FP16 flag; trt-int8 with
+  `high_precision: fp16` (the default, as the seeds' `trtexec --int8 --fp16`) builds the Q/DQ ONNX
+  weakly typed with the INT8 and FP16 flags, with `fp32` strongly typed (the remainder in FP32);
+* 11.x and newer (weak typing and the precision flags are gone; every network is strongly
+  typed): trt-fp16 builds an FP16 graph converted from the float ONNX (`harness.export.fp16`,
+  I/O and sensitive ops float32); trt-int8 builds the Q/DQ ONNX, with `high_precision: fp16` its
+  layers outside the quantized regions rewritten to FP16 in the graph.
+
+The runner's info records the path ("build", "graph"). Every TensorRT failure (parser, builder,
+flag, inspector) is a HarnessError naming the ONNX, the TensorRT version and the step. Engines run through `set_tensor_address` / `execute_async_v3` on a torch CUDA stream
 with torch CUDA tensors as buffers. The engine inspector's per-layer listing (JSON) is stored next
 to the engine as a runner artifact and summarised by precision in the runner's info.
 
@@ -29,7 +38,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 import onnx
 import torch
@@ -43,6 +52,8 @@ from harness.errors import ExportError, HarnessError
 
 if TYPE_CHECKING:
     import tensorrt as trt
+
+    from harness.cases import BackendSpec
 
 NOT_INSTALLED = "tensorrt is not installed"
 NO_CUDA = "no CUDA device"
@@ -66,17 +77,26 @@ _TORCH_DTYPES = {
     "BOOL": torch.bool,
 }
 
-# Words of the inspector's "Format/Datatype" strings -> precision names (first match wins).
+# Words of the inspector's type strings -> precision names (first match wins). 10.x writes
+# "Format/Datatype": "Row major linear FP16 format"; 11.x writes "DataType": "Half" / "Float" /
+# "Int8" / "BFloat16" / "FP8" / "Int4" / "FP4" and keeps the layout in "Format".
 _PRECISION_WORDS = {
     "bfloat16": "bf16", "bf16": "bf16", "fp8": "fp8", "int8": "int8", "uint8": "uint8", "fp16": "fp16",
     "half": "fp16", "fp32": "fp32", "float": "fp32", "int32": "int32", "int64": "int64", "bool": "bool",
+    "int4": "int4", "fp4": "fp4", "e8m0": "e8m0",
 }
+FLOAT_GRAPH = "float"
+FP16_GRAPH = "fp16"
+QDQ_FP16_GRAPH = "qdq-fp16"
+HighPrecision = Literal["fp16", "fp32"]
+BuilderFlagName = Literal["FP16", "INT8"]
 
 
 # -- availability ------------------------------------------------------------------------------
 
 def tensorrt_import_problem() -> str | None:
-    """None when the real TensorRT Python package imports, else why not (the skip reason).
+    """None when the real TensorRT Python package (10 or newer) imports, else why not (the skip
+    reason).
 
     A `tensorrt` folder of type stubs imports as an empty namespace package; only a module with
     the real `Builder` counts as installed.
@@ -91,6 +111,10 @@ def tensorrt_import_problem() -> str | None:
         return f"tensorrt cannot be imported: {exc}"
     if not hasattr(tensorrt, "Builder"):
         return NOT_INSTALLED
+    try:
+        tensorrt_major(str(getattr(tensorrt, "__version__", "")))
+    except HarnessError as exc:
+        return str(exc)
     return None
 
 
@@ -108,11 +132,61 @@ def unavailable_reason(device: torch.device) -> str | None:
     return tensorrt_import_problem() or cuda_problem(device)
 
 
-def supports_strongly_typed() -> bool:
-    """True when the installed TensorRT can build strongly typed networks (10.0 and newer)."""
-    import tensorrt as trt
+def tensorrt_major(version: str) -> int:
+    """The major version of a TensorRT version string ("10.13.3.9" -> 10, "11.1.0" -> 11).
 
-    return hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    Raises HarnessError for a string that does not start with a number, and for majors before
+    10 (qharness uses the 10.x name-based I/O API).
+    """
+    match = re.match(r"\s*(\d+)(?:\.|$)", version)
+    if match is None:
+        raise HarnessError(f"TensorRT version '{version}' has no major version number")
+    major = int(match.group(1))
+    if major < 10:
+        raise HarnessError(f"TensorRT {version} is too old: the trt backends need TensorRT 10 or newer")
+    return major
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What one backend builds on one TensorRT major: which graph, and how the network is built.
+
+    `graph` is FLOAT_GRAPH (the ONNX as exported), FP16_GRAPH (a float ONNX converted by
+    `harness.export.fp16.to_fp16`) or QDQ_FP16_GRAPH (a Q/DQ ONNX converted by
+    `qdq_high_precision`).
+    """
+
+    options: BuildOptions
+    graph: str
+    precision: str
+
+    def describe(self) -> dict[str, str]:
+        """Entries of the runner's info: "build" and "graph"."""
+        graph = "as exported" if self.graph == FLOAT_GRAPH else "FP16 by graph (float I/O and sensitive ops FP32)"
+        return {"build": self.options.describe(), "graph": graph}
+
+
+def build_plan(backend: str, version: str, high_precision: HighPrecision = "fp16") -> BuildPlan:
+    """The build of `backend` ("trt-fp16" or "trt-int8") on TensorRT `version`, by its major.
+
+    10.x: trt-fp16 weakly typed with the FP16 flag; trt-int8 weakly typed with INT8+FP16 for
+    `high_precision` fp16, strongly typed for fp32. 11.x and newer: always strongly typed without
+    flags; trt-fp16 and trt-int8 with fp16 build the FP16 graph. HarnessError for other backends.
+    """
+    major = tensorrt_major(version)
+    if backend == "trt-fp16":
+        if major == 10:
+            return BuildPlan(BuildOptions(strongly_typed=False, flags=("FP16",)), FLOAT_GRAPH, "fp16")
+        return BuildPlan(BuildOptions(strongly_typed=True, flags=()), FP16_GRAPH, "fp16")
+    if backend == "trt-int8":
+        precision = f"int8+{high_precision}"
+        if major == 10:
+            if high_precision == "fp16":
+                return BuildPlan(BuildOptions(strongly_typed=False, flags=("INT8", "FP16")), FLOAT_GRAPH, precision)
+            return BuildPlan(BuildOptions(strongly_typed=True, flags=()), FLOAT_GRAPH, precision)
+        graph = QDQ_FP16_GRAPH if high_precision == "fp16" else FLOAT_GRAPH
+        return BuildPlan(BuildOptions(strongly_typed=True, flags=()), graph, precision)
+    raise HarnessError(f"no TensorRT build plan for backend '{backend}'")
 
 
 # -- what an engine is built from: the cache key -----------------------------------------------
@@ -147,7 +221,7 @@ class BuildOptions:
     """How a network is built: strongly typed or with builder precision flags, and workspace."""
 
     strongly_typed: bool
-    flags: tuple[str, ...]
+    flags: tuple[BuilderFlagName, ...]
     workspace_bytes: int = WORKSPACE_BYTES
 
     def describe(self) -> str:
@@ -262,32 +336,78 @@ class LayerPrecision:
     precision: str
 
 
-def precision_of(format_datatype: str) -> str:
-    """Precision named in an inspector "Format/Datatype" string ("Row major linear FP32" -> fp32)."""
-    for word in re.findall(r"[A-Za-z]+[0-9]*", format_datatype):
+@dataclass(frozen=True)
+class IoTensor:
+    """One engine input or output as the inspector describes it."""
+
+    name: str
+    mode: str
+    precision: str
+
+
+def precision_of(type_text: str) -> str:
+    """Precision named in an inspector type string: 10.x "Format/Datatype" ("Row major linear
+    FP32" -> fp32) or 11.x "DataType" ("Half" -> fp16, "Int4" -> int4); "unknown" otherwise."""
+    for word in re.findall(r"[A-Za-z][A-Za-z0-9]*", type_text):
         precision = _PRECISION_WORDS.get(word.lower())
         if precision:
             return precision
     return "unknown"
 
 
+def region_precision(region: Mapping[str, object]) -> str:
+    """Precision of one inspector tensor region in either layout: 11.x "DataType" first, then
+    10.x "Format/Datatype", then a "Format" that names a type ("Row major linear FP32 format")."""
+    for key in ("DataType", "Datatype", "Format/Datatype", "Format"):
+        if key in region:
+            precision = precision_of(str(region[key]))
+            if precision != "unknown":
+                return precision
+    return "unknown"
+
+
+def _inspector(inspector_json: str) -> dict[str, object]:
+    try:
+        info = json.loads(inspector_json)
+    except ValueError as exc:
+        raise HarnessError(f"TensorRT engine inspector output is not JSON: {exc}") from exc
+    if not isinstance(info, dict):
+        raise HarnessError(f"TensorRT engine inspector output is a {type(info).__name__}, not a JSON object")
+    return info
+
+
 def layer_precisions(inspector_json: str) -> list[LayerPrecision]:
-    """Layers of an engine from `EngineInspector.get_engine_information(JSON)`.
+    """Per-layer records of an engine from `EngineInspector.get_engine_information(JSON)` in the
+    10.x or the 11.x layout.
 
     A layer's precision is that of its first input (of its first output when it has no input),
     as TensorRT's engine explorer reads it; layers listed by name only (engines built without
-    detailed profiling verbosity) get "unknown".
+    detailed profiling verbosity) get "unknown". Raises HarnessError when the text is not a
+    JSON object.
     """
-    info = json.loads(inspector_json)
     layers = []
-    for raw in info.get("Layers", []):
-        if isinstance(raw, str):
-            layers.append(LayerPrecision(raw, "unknown", "unknown"))
+    listed = _inspector(inspector_json).get("Layers", [])
+    for raw in listed if isinstance(listed, list) else []:
+        if not isinstance(raw, dict):
+            layers.append(LayerPrecision(str(raw), "unknown", "unknown"))
             continue
         regions = raw.get("Inputs") or raw.get("Outputs") or []
-        precision = precision_of(str(regions[0].get("Format/Datatype", ""))) if regions else "unknown"
-        layers.append(LayerPrecision(str(raw.get("Name", "?")), str(raw.get("LayerType", "unknown")), precision))
+        first = regions[0] if isinstance(regions, list) and regions and isinstance(regions[0], dict) else {}
+        layers.append(LayerPrecision(str(raw.get("Name", "?")), str(raw.get("LayerType", "unknown")),
+                                     region_precision(first)))
     return layers
+
+
+def io_tensors(inspector_json: str) -> list[IoTensor]:
+    """The engine's inputs and outputs: 11.x "I/O Tensors" objects (mode and precision read), or
+    10.x "Bindings" names (mode and precision "unknown")."""
+    info = _inspector(inspector_json)
+    tensors = info.get("I/O Tensors")
+    if isinstance(tensors, list):
+        return [IoTensor(str(t.get("Name", "?")), str(t.get("IOMode", "unknown")).lower(), region_precision(t))
+                for t in tensors if isinstance(t, dict)]
+    bindings = info.get("Bindings")
+    return [IoTensor(str(name), "unknown", "unknown") for name in bindings] if isinstance(bindings, list) else []
 
 
 def precision_summary(layers: Sequence[LayerPrecision]) -> str:
@@ -352,39 +472,78 @@ def _timing_cache(config: trt.IBuilderConfig, serialized: bytes) -> trt.ITimingC
     return config.create_timing_cache(b"")
 
 
+class TensorRTError(HarnessError):
+    """A TensorRT step failed; the message names the ONNX, the TensorRT version and the step."""
+
+    def __init__(self, onnx_path: Path | str, version: str, step: str, detail: str):
+        super().__init__(f"{onnx_path}: TensorRT {version}, {step}: {detail}")
+        self.step = step
+
+
+def network_flags(version: str, strongly_typed: bool) -> int:
+    """`create_network` flags: 10.x sets STRONGLY_TYPED when asked; 11.x networks are always
+    strongly typed and the (deprecated, ignored) flag is not used, so 0."""
+    if tensorrt_major(version) >= 11 or not strongly_typed:
+        return 0
+    import tensorrt as trt
+
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+
+
+def builder_flag(name: BuilderFlagName) -> trt.BuilderFlag:
+    """The 10.x builder flag of `name` (FP16, INT8); only 10.x build plans name flags."""
+    import tensorrt as trt
+
+    if name == "FP16":
+        return trt.BuilderFlag.FP16
+    return trt.BuilderFlag.INT8
+
+
 def build_serialized_engine(onnx_path: Path, spec: EngineSpec, timing_cache: bytes = b"") -> tuple[bytes, bytes]:
     """Parse `onnx_path` and build an engine as `spec` says; return (engine, updated timing cache).
 
     Raises ExportError listing every parser error (with its node) when the parser rejects the
-    ONNX, HarnessError with TensorRT's logged errors when the build fails.
+    ONNX, TensorRTError (naming the ONNX, version and step) when a flag is missing or the build
+    fails.
     """
     import tensorrt as trt
 
+    version = spec.tensorrt_version
     logger = trt_logger()
     _MESSAGES.errors.clear()
-    builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if spec.options.strongly_typed else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    try:
+        builder = trt.Builder(logger)
+        network = builder.create_network(network_flags(version, spec.options.strongly_typed))
+        parser = trt.OnnxParser(network, logger)
+        parsed = parser.parse_from_file(str(onnx_path))
+    except Exception as exc:  # TensorRT raises its own error types from the binding
+        raise TensorRTError(onnx_path, version, "create the network and parse", str(exc)) from exc
+    if not parsed:
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         _MESSAGES.errors.clear()
-        raise ExportError(format_parser_errors(str(onnx_path), errors))
+        raise ExportError(format_parser_errors(f"{onnx_path} (TensorRT {version}, parse)", errors))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.options.workspace_bytes)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     for flag in spec.options.flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
+        try:
+            config.set_flag(builder_flag(flag))
+        except AttributeError as exc:  # a flag this TensorRT no longer has
+            raise TensorRTError(onnx_path, version, f"set builder flag {flag}",
+                                f"this TensorRT has no BuilderFlag.{flag} ({exc})") from exc
     if spec.profiles:
         profile = builder.create_optimization_profile()
         for p in spec.profiles:
             profile.set_shape(p.name, trt.Dims(list(p.min)), trt.Dims(list(p.opt)), trt.Dims(list(p.max)))
         config.add_optimization_profile(profile)
     config.set_timing_cache(_timing_cache(config, timing_cache), ignore_mismatch=False)
-    serialized: trt.IHostMemory | None = builder.build_serialized_network(network, config)
+    try:
+        serialized: trt.IHostMemory | None = builder.build_serialized_network(network, config)
+    except Exception as exc:  # TensorRT raises its own error types from the binding
+        raise TensorRTError(onnx_path, version, f"build ({spec.options.describe()})", str(exc)) from exc
     if serialized is None:
-        raise HarnessError(f"{onnx_path}: TensorRT could not build an engine ({spec.options.describe()}): "
-                           f"{_MESSAGES.take() or 'no error was logged'}")
+        raise TensorRTError(onnx_path, version, f"build ({spec.options.describe()})",
+                            _MESSAGES.take() or "no error was logged")
     return bytes(serialized), bytes(config.get_timing_cache().serialize())
 
 
@@ -449,11 +608,17 @@ def deserialize(runtime: trt.Runtime, data: bytes) -> trt.ICudaEngine:
     return engine
 
 
-def inspector_json(engine: trt.ICudaEngine) -> str:
-    """The engine inspector's description of every layer (JSON)."""
+def inspector_json(engine: trt.ICudaEngine, onnx_path: Path | str = "engine") -> str:
+    """The engine inspector's description of every layer (JSON); TensorRTError (step "inspect")
+    when the inspector fails or returns something `layer_precisions` cannot read."""
     import tensorrt as trt
 
-    return engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    try:
+        text = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+        layer_precisions(text)
+    except Exception as exc:  # TensorRT's binding errors and HarnessError alike
+        raise TensorRTError(onnx_path, trt.__version__, "inspect", str(exc)) from exc
+    return text
 
 
 def load_engine(cache: Cache, namespace: str, onnx_path: Path, spec: EngineSpec, runtime: trt.Runtime,
@@ -470,7 +635,7 @@ def load_engine(cache: Cache, namespace: str, onnx_path: Path, spec: EngineSpec,
         engine_bytes, timing_bytes = build_serialized_engine(onnx_path, spec, timing.read())
         timing.update(timing_bytes)
         write_bytes_atomic(folder / ENGINE_FILE, engine_bytes)
-        write_text_atomic(folder / INSPECTOR_FILE, inspector_json(deserialize(runtime, engine_bytes)))
+        write_text_atomic(folder / INSPECTOR_FILE, inspector_json(deserialize(runtime, engine_bytes), onnx_path))
         write_json_atomic(folder / META_FILE, spec.describe())
 
     for attempt in range(2):
@@ -480,15 +645,15 @@ def load_engine(cache: Cache, namespace: str, onnx_path: Path, spec: EngineSpec,
                 meta = json.loads((folder / META_FILE).read_text())
                 layers = layer_precisions((folder / INSPECTOR_FILE).read_text())
                 data = (folder / ENGINE_FILE).read_bytes()
-            except (OSError, ValueError, AttributeError) as exc:
+            except (OSError, ValueError, AttributeError, HarnessError) as exc:
                 raise _Unusable(str(exc)) from exc
             if meta != spec.describe():
                 raise _Unusable("its meta.json describes another ONNX, TensorRT version, GPU or build")
             return LoadedEngine(deserialize(runtime, data), folder, layers)
         except _Unusable as exc:
             if attempt:
-                raise HarnessError(f"TensorRT engine {folder / ENGINE_FILE} is unusable right after building "
-                                   f"it: {exc}") from exc
+                raise TensorRTError(onnx_path, spec.tensorrt_version, "load the engine just built",
+                                    f"{folder / ENGINE_FILE} is unusable: {exc}") from exc
             cache.invalidate(namespace, key, str(exc))
     raise AssertionError("unreachable")
 
@@ -640,11 +805,32 @@ def max_batch(ctx: PrepareContext) -> int:
     return max(ctx.case.spec.data.batch_size, ctx.case.spec.benchmark.batch_size)
 
 
-def engine_runner(ctx: PrepareContext, onnx_paths: Mapping[str, Path], options: BuildOptions,
-                  precision: str) -> TrtRunner:
-    """Build or load one engine per stage and open execution contexts on `ctx.device`."""
+def fp16_graphs(cache: Cache, namespace: str, onnx_paths: Mapping[str, Path], qdq: bool) -> dict[str, Path]:
+    """The FP16 graph of every stage's ONNX (`to_fp16`, or `qdq_high_precision` when `qdq`),
+    converted once and cached under `namespace` by the source's sha256, the converter's version
+    and the conversion; returns the converted paths by stage."""
+    from harness.export.fp16 import FP32_OPS, convert_file, converter_version
+
+    converted = {}
+    for stage, source in onnx_paths.items():
+        key = content_key("fp16-graph", file_sha256(source), converter_version(), qdq, FP32_OPS)
+
+        def build(folder: Path, source: Path = source, stage: str = stage) -> None:
+            convert_file(source, folder / f"{stage}.onnx", high_precision_qdq=qdq)
+
+        converted[stage] = cache.entry(f"{namespace}/onnx-fp16{'-qdq' if qdq else ''}", key, build) / f"{stage}.onnx"
+    return converted
+
+
+def engine_runner(ctx: PrepareContext, onnx_paths: Mapping[str, Path], plan: BuildPlan) -> TrtRunner:
+    """Build or load one engine per stage as `plan` says (converting the graphs to FP16 first
+    where it says so) and open execution contexts on `ctx.device`."""
     import tensorrt as trt
 
+    if plan.graph != FLOAT_GRAPH:
+        onnx_paths = fp16_graphs(ctx.cache, ctx.case.name, onnx_paths, qdq=plan.graph == QDQ_FP16_GRAPH)
+    precision = plan.precision
+    options = plan.options
     device = torch.device("cuda", cuda_index(ctx.device))
     gpu = Gpu.of(device)
     feeds = ctx.stage_feeds()
@@ -664,7 +850,7 @@ def engine_runner(ctx: PrepareContext, onnx_paths: Mapping[str, Path], options: 
                               f"layers:{stage}": str(loaded.folder / INSPECTOR_FILE)})
     major, minor = gpu.compute_capability
     runner.info = {"provider": f"TensorRT {trt.__version__}", "device": gpu.name, "compute_capability": f"{major}.{minor}",
-                   "precision": precision, "build": options.describe(), "layers": "; ".join(summaries)}
+                   "precision": precision, **plan.describe(), "layers": "; ".join(summaries)}
     runner.artifacts = artifacts
     return runner
 
@@ -687,28 +873,33 @@ class _TensorRT(Backend):
 
 
 class TrtFP16(_TensorRT):
-    """TensorRT engine from the float ONNX with FP16 kernels allowed."""
+    """TensorRT engine from the float ONNX in FP16 (10.x: FP16 flag; 11.x: FP16 graph)."""
 
     name = "trt-fp16"
     precision = "fp16"
 
     def prepare(self, ctx: PrepareContext) -> Runner:
         """Reuse ort-fp32's cached float export; build or load one engine per stage."""
-        return engine_runner(ctx, ctx.float_onnx(), BuildOptions(strongly_typed=False, flags=("FP16",)), "fp16")
+        import tensorrt as trt
+
+        return engine_runner(ctx, ctx.float_onnx(), build_plan(self.name, trt.__version__))
 
 
 class TrtInt8(_TensorRT):
-    """TensorRT engine from the Q/DQ ONNX (explicit quantization)."""
+    """TensorRT engine from the Q/DQ ONNX (explicit quantization); the layers outside the
+    quantized regions run in the case's `high_precision` (fp16 by default)."""
 
     name = "trt-int8"
     precision = "int8"
 
     def prepare(self, ctx: PrepareContext) -> Runner:
         """Export the calibrated model as Q/DQ ONNX (TensorRT layout) and build one engine per stage."""
-        return engine_runner(ctx, ctx.qdq_onnx("tensorrt", "int8"), int8_options(supports_strongly_typed()), "int8")
+        import tensorrt as trt
+
+        plan = build_plan(self.name, trt.__version__, high_precision(ctx.case.spec.backends.get(self.name)))
+        return engine_runner(ctx, ctx.qdq_onnx("tensorrt", "int8"), plan)
 
 
-def int8_options(strongly_typed: bool) -> BuildOptions:
-    """A strongly typed network (precisions from the Q/DQ graph) where supported, else the INT8
-    and FP16 builder flags."""
-    return BuildOptions(strongly_typed=True, flags=()) if strongly_typed else BuildOptions(False, ("INT8", "FP16"))
+def high_precision(spec: BackendSpec | None) -> HighPrecision:
+    """The case's `backends.trt-int8.high_precision`, fp16 when unset."""
+    return spec.high_precision if spec is not None and spec.high_precision is not None else "fp16"
