@@ -49,6 +49,7 @@ from harness.backends.tensorrt import (
 )
 from harness.cache import Cache, file_sha256
 from harness.errors import ExportError, HarnessError
+from harness.export.artifacts import fp16_onnx
 
 CUDA = torch.device("cuda")
 
@@ -351,10 +352,11 @@ def test_high_precision_option_of_the_case(tmp_path: Path) -> None:
     from harness.cases import BackendSpec
 
     assert trt_backend.high_precision(None) == "fp16"
-    assert trt_backend.high_precision(BackendSpec()) == "fp16"
-    assert trt_backend.high_precision(BackendSpec(high_precision="fp32")) == "fp32"
+    bound = {"compare": {"cosine_min": 0.99}}
+    assert trt_backend.high_precision(BackendSpec.model_validate(bound)) == "fp16"
+    assert trt_backend.high_precision(BackendSpec.model_validate({**bound, "high_precision": "fp32"})) == "fp32"
     with pytest.raises(ValueError, match="high_precision"):
-        BackendSpec.model_validate({"high_precision": "bf16"})
+        BackendSpec.model_validate({**bound, "high_precision": "bf16"})
 
 
 def test_tensorrt_error_names_onnx_version_and_step() -> None:
@@ -454,7 +456,7 @@ def _graph(cache: Cache, onnx_path: Path, plan: BuildPlan) -> Path:
     """The ONNX the plan builds: the export, or its FP16 graph (TensorRT 11)."""
     if plan.graph == FLOAT_GRAPH:
         return onnx_path
-    return trt_backend.fp16_graphs(cache, "tiny", {"model": onnx_path}, qdq=plan.graph == QDQ_FP16_GRAPH)["model"]
+    return fp16_onnx(cache, "tiny", {"model": onnx_path}, qdq=plan.graph == QDQ_FP16_GRAPH)["model"]
 
 
 def _load(cache: Cache, onnx_path: Path, options: BuildOptions) -> tuple[trt_backend.TrtRunner, trt_backend.LoadedEngine]:

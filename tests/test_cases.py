@@ -570,7 +570,7 @@ benchmark: {warmup: 10, rounds: 50}
 
 
 def test_high_precision_only_on_trt_int8(root: Path) -> None:
-    text = BASE.replace("  ort-fp32:\n", "  trt-int8: {high_precision: fp32}\n  ort-fp32:\n")
+    text = BASE.replace("  ort-fp32:\n", "  trt-int8: {high_precision: fp32, compare: {cosine_min: 0.99}}\n  ort-fp32:\n")
     assert load_case(write_case(root, text)).spec.backends["trt-int8"].high_precision == "fp32"
     err = case_error(root, BASE.replace("    compare: {cosine_min: 0.99}\n", "    compare: {cosine_min: 0.99}\n    high_precision: fp16\n"))
     assert "backends.ort-fp32.high_precision" in str(err) and "only trt-int8" in str(err)

@@ -12,9 +12,9 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
-from harness.backends.tensorrt import fp16_graphs
 from harness.cache import Cache
 from harness.errors import ExportError
+from harness.export.artifacts import fp16_onnx
 from harness.export.fp16 import (
     convert_file,
     converter_version,
@@ -163,9 +163,9 @@ def test_convert_file_and_unreadable_source(tmp_path: Path) -> None:
 def test_fp16_graphs_are_cached_by_source_content(tmp_path: Path) -> None:
     _export(Sensitive(), tmp_path / "m.onnx", ("logits", "probs"))
     cache = Cache(tmp_path / "cache")
-    first = fp16_graphs(cache, "case", {"model": tmp_path / "m.onnx"}, qdq=False)["model"]
+    first = fp16_onnx(cache, "case", {"model": tmp_path / "m.onnx"}, qdq=False)["model"]
     built = first.stat().st_mtime_ns
-    assert fp16_graphs(cache, "case", {"model": tmp_path / "m.onnx"}, qdq=False)["model"].stat().st_mtime_ns == built
+    assert fp16_onnx(cache, "case", {"model": tmp_path / "m.onnx"}, qdq=False)["model"].stat().st_mtime_ns == built
     _export(QDQNet(), tmp_path / "m.onnx", ("logits",))  # another graph at the same path
-    other = fp16_graphs(cache, "case", {"model": tmp_path / "m.onnx"}, qdq=True)["model"]
+    other = fp16_onnx(cache, "case", {"model": tmp_path / "m.onnx"}, qdq=True)["model"]
     assert other != first and "QuantizeLinear" in {n.op_type for n in onnx.load(str(other)).graph.node}

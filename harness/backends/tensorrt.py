@@ -49,6 +49,7 @@ from harness.backends.base import Backend, PrepareContext, Runner
 from harness.cache import Cache, content_key, file_sha256
 from harness.environment import cuda_available
 from harness.errors import ExportError, HarnessError
+from harness.export.artifacts import fp16_onnx
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -805,30 +806,13 @@ def max_batch(ctx: PrepareContext) -> int:
     return max(ctx.case.spec.data.batch_size, ctx.case.spec.benchmark.batch_size)
 
 
-def fp16_graphs(cache: Cache, namespace: str, onnx_paths: Mapping[str, Path], qdq: bool) -> dict[str, Path]:
-    """The FP16 graph of every stage's ONNX (`to_fp16`, or `qdq_high_precision` when `qdq`),
-    converted once and cached under `namespace` by the source's sha256, the converter's version
-    and the conversion; returns the converted paths by stage."""
-    from harness.export.fp16 import FP32_OPS, convert_file, converter_version
-
-    converted = {}
-    for stage, source in onnx_paths.items():
-        key = content_key("fp16-graph", file_sha256(source), converter_version(), qdq, FP32_OPS)
-
-        def build(folder: Path, source: Path = source, stage: str = stage) -> None:
-            convert_file(source, folder / f"{stage}.onnx", high_precision_qdq=qdq)
-
-        converted[stage] = cache.entry(f"{namespace}/onnx-fp16{'-qdq' if qdq else ''}", key, build) / f"{stage}.onnx"
-    return converted
-
-
 def engine_runner(ctx: PrepareContext, onnx_paths: Mapping[str, Path], plan: BuildPlan) -> TrtRunner:
     """Build or load one engine per stage as `plan` says (converting the graphs to FP16 first
     where it says so) and open execution contexts on `ctx.device`."""
     import tensorrt as trt
 
     if plan.graph != FLOAT_GRAPH:
-        onnx_paths = fp16_graphs(ctx.cache, ctx.case.name, onnx_paths, qdq=plan.graph == QDQ_FP16_GRAPH)
+        onnx_paths = fp16_onnx(ctx.cache, ctx.case.name, onnx_paths, qdq=plan.graph == QDQ_FP16_GRAPH)
     precision = plan.precision
     options = plan.options
     device = torch.device("cuda", cuda_index(ctx.device))

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 
-from harness.cache import Cache, content_key
+from harness.cache import Cache, content_key, file_sha256
 from harness.environment import library_versions
 from harness.export.onnx import OPSET, export_stage
 from harness.program import Program
@@ -63,3 +63,20 @@ def qdq_onnx(cache: Cache, namespace: str, identity: str, program: Callable[[], 
     flavour = f"qdq-{layout}" if weight_codes == "int8" else f"qdq-{layout}-{weight_codes}"
     folder = cache.entry(f"{namespace}/onnx-{flavour}", export_key(identity, flavour, feeds), build)
     return {name: folder / f"{name}.onnx" for name in feeds}
+
+
+def fp16_onnx(cache: Cache, namespace: str, onnx_paths: Mapping[str, Path], qdq: bool) -> dict[str, Path]:
+    """The FP16 graph of every stage's ONNX (`harness.export.fp16.to_fp16`, or
+    `qdq_high_precision` when `qdq`), converted once and cached under `namespace` by the source's
+    sha256, the converter's version and the conversion; returns the converted paths by stage."""
+    from harness.export.fp16 import FP32_OPS, convert_file, converter_version
+
+    converted = {}
+    for stage, source in onnx_paths.items():
+        key = content_key("fp16-graph", file_sha256(source), converter_version(), qdq, FP32_OPS)
+
+        def build(folder: Path, source: Path = source, stage: str = stage) -> None:
+            convert_file(source, folder / f"{stage}.onnx", high_precision_qdq=qdq)
+
+        converted[stage] = cache.entry(f"{namespace}/onnx-fp16{'-qdq' if qdq else ''}", key, build) / f"{stage}.onnx"
+    return converted
