@@ -308,7 +308,7 @@ def test_hostile_yaml_gives_a_case_error(project: Path, request: pytest.FixtureR
                                          fragment: str, line: int | None) -> None:
     path = project / "cases" / "hostile.yaml"
     name = request.node.callspec.id
-    path.write_bytes((CORPUS / "cases" / static).read_bytes() if static else _generated_yaml(name))
+    path.write_bytes((CORPUS / "yaml" / static).read_bytes() if static else _generated_yaml(name))
     started = time.perf_counter()
     err = _case_error(path)
     assert fragment in err.detail
