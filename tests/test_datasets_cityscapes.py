@@ -96,7 +96,7 @@ data:
 golden: {{dir: golden/cityscapes-pidnet, samples: 1}}
 metric: {{name: miou, args: {{num_classes: 19, ignore_index: 255}}}}
 backends:
-  torch-fp32: {{}}
+  torch-fp32: {{compare: {{atol: 1.0e-4}}}}
 """
 
 
