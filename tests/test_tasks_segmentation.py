@@ -110,7 +110,7 @@ def test_task_args_normalisation_channel_order_and_names_are_used(tmp_path: Path
     np.testing.assert_allclose(x[0].transpose(1, 2, 0), expected, rtol=1e-6)
     assert np.array_equal(task.norm.invert(x), images)
     assert task.input_names == ("input.1",) and task.output_names == ("out",)
-    assert set(task.golden_inputs(RoadScenes(split="val", size=1, height=8, width=8), 1)) == {"input.1"}
+    assert set(task.golden_inputs([RoadScenes(split="val", size=1, height=8, width=8)[0]], 1)) == {"input.1"}
 
 
 def test_align_corners_option_changes_decode(tmp_path: Path) -> None:
