@@ -174,3 +174,30 @@ def test_ort_int8_quantization_runs_integer_kernels(tmp_path: Path) -> None:
                    if i.name.endswith("zero_point")]
     assert zero_points and not any(z.any() for z in zero_points)  # symmetric: every zero point 0
     assert {z.dtype for z in zero_points} <= {np.dtype(np.int8), np.dtype(np.int32)}  # int8 codes, int32 biases
+
+
+def test_onnx_case_context_gives_backends_the_users_file_and_ort_quantization(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from harness.context import CaseContext, RunOptions
+
+    (tmp_path / "qh_onnxdata_ctx.py").write_text(DATA_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    conv_net(tmp_path / "model.onnx")
+    (tmp_path / "c.yaml").write_text(CASE.replace("qh_onnxdata:Data", "qh_onnxdata_ctx:Data"))
+    ctx = CaseContext(load_case(tmp_path / "c.yaml", root=tmp_path),
+                      RunOptions(device=torch.device("cpu"), cache_dir=tmp_path / "cache"))
+    assert ctx.stage_names == ("model",) and ctx.float_reference == "ort-fp32"
+    assert ctx.float_onnx() == {"model": tmp_path / "model.onnx"}
+    trt = ctx.qdq_onnx("tensorrt")["model"]
+    assert trt.is_file() and trt != ctx.qdq_onnx("onnxruntime")["model"]
+    assert ctx.qdq_onnx("tensorrt")["model"] == trt  # cached
+    assert "DequantizeLinear" in {n.op_type for n in onnx.load(str(trt)).graph.node}
+    before = ctx.model_key
+    conv_net(tmp_path / "model.onnx", seed=3)
+    fresh = CaseContext(ctx.case, ctx.options)
+    assert fresh.model_key != before and fresh.qdq_onnx("tensorrt")["model"] != trt
+    assert ctx.unavailable_reason("torch-fp32") == "the case's model is an ONNX file; torch-fp32 runs the PyTorch model"
+    assert ctx.unavailable_reason("scn-ref") == "the case's model is an ONNX file; scn-ref runs the PyTorch model"
+    assert "ONNX file" not in (ctx.unavailable_reason("trt-int8") or "")
