@@ -74,7 +74,7 @@ task: segmentation
 model: {{factory: "harness.zoo.pidnet:pidnet_s", args: {{num_classes: 4}}}}
 data: {{factory: "harness.datasets.roads:RoadScenes", args: {{split: val, size: 2, height: 32, width: 64}}}}
 golden: golden/seg
-backends: {{torch-fp32: {{}}}}
+backends: {{torch-fp32: {{compare: {{atol: 1.0e-5}}}}}}
 """
 
 
