@@ -254,6 +254,17 @@ class CaseContext:
         if self.is_onnx and self.case.spec.stages:
             raise self.case.error("a case whose model is an ONNX file has one stage, 'model', with the graph's "
                                   "inputs and outputs; remove `stages:`", "stages")
+        if self.is_onnx:
+            quant = self.case.spec.quant
+            for key, value in (("rules", quant.rules), ("quantizer", quant.quantizer)):
+                if value:
+                    raise self.case.error(f"quant.{key} applies to PyTorch models; an ONNX file is quantized by "
+                                          "ONNX Runtime's static quantization", "quant", key)
+            for index, name in enumerate(quant.keep_float):
+                if name not in self.onnx_io.nodes:
+                    raise self.case.error(f"quant.keep_float: the ONNX file {self.case.onnx} has no node named "
+                                          f"'{name}' (an ONNX case keeps graph nodes float, by node name)",
+                                          "quant", "keep_float", str(index))
 
     @property
     def is_onnx(self) -> bool:
@@ -542,7 +553,8 @@ class CaseContext:
         if self.case.onnx is not None:
             return {SINGLE_STAGE: ort_qdq_onnx(self.cache, self.case.name, self.quant_key, self.case.onnx,
                                                self._onnx_calibration_feeds, layout, weight_codes,
-                                               *self._ort_calibration_method())}
+                                               *self._ort_calibration_method(),
+                                               keep_float=tuple(self.case.spec.quant.keep_float))}
         return artifacts.qdq_onnx(self.cache, self.case.name, self.quant_key,
                                   lambda: self.program(self.quantized_model()), self.stage_feeds(), layout,
                                   weight_codes)

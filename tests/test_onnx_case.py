@@ -58,9 +58,9 @@ def conv_net(path: Path, seed: int = 0) -> None:
     w1 = numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1")
     b1 = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32) * 0.1, "b1")
     w2 = numpy_helper.from_array((rng.standard_normal((4, 8, 1, 1)) * 0.3).astype(np.float32), "w2")
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("Conv", ["r", "w2"], ["y"])]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
     graph = helper.make_graph(nodes, "net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 16, 16])], [w1, b1, w2])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
@@ -201,3 +201,33 @@ def test_onnx_case_context_gives_backends_the_users_file_and_ort_quantization(tm
     assert ctx.unavailable_reason("torch-fp32") == "the case's model is an ONNX file; torch-fp32 runs the PyTorch model"
     assert ctx.unavailable_reason("scn-ref") == "the case's model is an ONNX file; scn-ref runs the PyTorch model"
     assert "ONNX file" not in (ctx.unavailable_reason("trt-int8") or "")
+
+
+def test_quant_settings_of_an_onnx_case(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from harness.context import CaseContext, RunOptions
+
+    (tmp_path / "qh_onnxdata_q.py").write_text(DATA_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    conv_net(tmp_path / "model.onnx")
+
+    def context(quant: str) -> CaseContext:
+        text = CASE.replace("qh_onnxdata:Data", "qh_onnxdata_q:Data").replace(
+            "quant: {activations: {calibrator: max}, ", f"quant: {{activations: {{calibrator: max}}, {quant}")
+        (tmp_path / "c.yaml").write_text(text)
+        ctx = CaseContext(load_case(tmp_path / "c.yaml", root=tmp_path),
+                          RunOptions(device=torch.device("cpu"), cache_dir=tmp_path / "cache"))
+        ctx.validate()
+        return ctx
+
+    for quant, key in (("keep_float: [conv1, conv3], ", "quant.keep_float.1"), ("rules: [shared_input], ", "quant.rules")):
+        with pytest.raises(CaseError) as info:
+            context(quant)
+        assert info.value.key == key
+    path = context("keep_float: [conv2], ").qdq_onnx("onnxruntime")["model"]
+    graph = onnx.load(str(path)).graph
+    conv2 = next(n for n in graph.node if n.name == "conv2")
+    assert conv2.input[1] == "w2"  # the float weight itself, no DequantizeLinear in front
+    conv1 = next(n for n in graph.node if n.name == "conv1")
+    assert conv1.input[1] != "w1"

@@ -27,12 +27,13 @@ _NP_TYPES = {
 
 @dataclass(frozen=True)
 class GraphIO:
-    """Names of an ONNX graph's inputs (initialisers excluded) and outputs, and whether dim 0 of
-    every input is symbolic (a free batch dimension)."""
+    """Names of an ONNX graph's inputs (initialisers excluded) and outputs, whether dim 0 of
+    every input is symbolic (a free batch dimension), and the names of its nodes."""
 
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     dynamic_batch: bool
+    nodes: frozenset[str] = frozenset()
 
 
 def graph_io(path: Path) -> GraphIO:
@@ -54,7 +55,7 @@ def graph_io(path: Path) -> GraphIO:
         return bool(dims) and not dims[0].HasField("dim_value")
 
     return GraphIO(tuple(i.name for i in inputs), tuple(o.name for o in model.graph.output),
-                   all(free_batch(i) for i in inputs))
+                   all(free_batch(i) for i in inputs), frozenset(n.name for n in model.graph.node if n.name))
 
 
 class OnnxModule(nn.Module):

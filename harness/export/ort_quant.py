@@ -27,9 +27,11 @@ Method = Literal["minmax", "percentile", "entropy"]
 
 
 def quantize_onnx(source: Path, target: Path, calibration: Iterable[Mapping[str, np.ndarray]], layout: Layout,
-                  weight_codes: WeightCodes = "int8", method: Method = "minmax", percentile: float = 99.99) -> None:
+                  weight_codes: WeightCodes = "int8", method: Method = "minmax", percentile: float = 99.99,
+                  keep_float: tuple[str, ...] = ()) -> None:
     """Write the Q/DQ quantization of the ONNX file `source` to `target`: static quantization
-    calibrated on the feeds of `calibration` (input name -> array), per-channel weights.
+    calibrated on the feeds of `calibration` (input name -> array), per-channel weights; the
+    nodes named in `keep_float` stay float.
 
     Raises HarnessError naming `source` when there are no calibration feeds or ONNX Runtime
     cannot quantize the graph.
@@ -67,7 +69,7 @@ def quantize_onnx(source: Path, target: Path, calibration: Iterable[Mapping[str,
     try:
         quantize_static(str(source), str(target), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=activations, weight_type=weights, calibrate_method=calibrate,
-                        extra_options=extra)
+                        nodes_to_exclude=list(keep_float), extra_options=extra)
     except Exception as exc:
         raise HarnessError(f"ONNX Runtime cannot quantize {source}: {type(exc).__name__}: {exc}") from exc
     if reader.count == 0:
@@ -76,14 +78,16 @@ def quantize_onnx(source: Path, target: Path, calibration: Iterable[Mapping[str,
 
 def ort_qdq_onnx(cache: Cache, namespace: str, identity: str, source: Path,
                  calibration: Callable[[], Iterable[Mapping[str, np.ndarray]]], layout: Layout,
-                 weight_codes: WeightCodes = "int8", method: Method = "minmax", percentile: float = 99.99) -> Path:
-    """The cached `quantize_onnx` of `source` (built once per identity, layout, codes, method and
-    library versions; `calibration()` is called only when the entry is built). `identity` must
-    cover the source file's bytes and the calibration data."""
+                 weight_codes: WeightCodes = "int8", method: Method = "minmax", percentile: float = 99.99,
+                 keep_float: tuple[str, ...] = ()) -> Path:
+    """The cached `quantize_onnx` of `source` (built once per identity, layout, codes, method,
+    float nodes and library versions; `calibration()` is called only when the entry is built).
+    `identity` must cover the source file's bytes and the calibration data."""
     flavour = f"ort-qdq-{layout}" if weight_codes == "int8" else f"ort-qdq-{layout}-{weight_codes}"
 
     def build(folder: Path) -> None:
-        quantize_onnx(source, folder / "model.onnx", calibration(), layout, weight_codes, method, percentile)
+        quantize_onnx(source, folder / "model.onnx", calibration(), layout, weight_codes, method, percentile,
+                      keep_float)
 
-    key = content_key("ort-quant", flavour, identity, method, percentile, library_versions())
+    key = content_key("ort-quant", flavour, identity, method, percentile, sorted(keep_float), library_versions())
     return cache.entry(f"{namespace}/onnx-{flavour}", key, build) / "model.onnx"
