@@ -4,6 +4,7 @@ from there; without `pythonpath` the collection error says what to add."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -52,17 +53,26 @@ def outcome(proc: subprocess.CompletedProcess[str]) -> dict[str, int]:
 
 def test_the_walk_through_project_runs_from_its_own_folder(project: Path) -> None:
     update = run(project, "-m", "pytest", "qcases/", "--update-golden", "-m", "golden", "-p", "no:cacheprovider")
-    assert outcome(update) == {"passed": 4}, update.stdout[-3000:] + update.stderr[-2000:]
+    # tinyseg: 4 backends; tinyseg-onnx: ort-fp32 and ort-int8 pass, torch-fp32 and trt-int8 skip
+    assert outcome(update) == {"passed": 6, "skipped": 2}, update.stdout[-3000:] + update.stderr[-2000:]
+    onnx_meta = json.loads((project / "golden/tinyseg-onnx/meta.json").read_text())
+    assert onnx_meta["reference"] == "ort-fp32" and onnx_meta["stages"] == {"model": {"inputs": ["img"],
+                                                                                      "outputs": ["out"]}}
     meta = (project / "golden/tinyseg/meta.json").read_text()
     assert '"img"' in meta and '"out"' in meta  # the task_args names are the stage's tensor names
     checked = run(project, "-m", "pytest", "qcases/", "-m", "golden or metric", "-p", "no:cacheprovider", "-v")
     counts = outcome(checked)
     assert checked.returncode == 0 and counts.get("passed", 0) >= 8 and "failed" not in counts, checked.stdout[-4000:]
     assert "tinyseg[ort-int8]::metric PASSED" in checked.stdout
+    assert "tinyseg-onnx[ort-int8]::metric PASSED" in checked.stdout
+    # the ONNX case's float metric is ort-fp32's, the same model's as the factory case's
+    figures = dict(re.findall(r"^(tinyseg(?:-onnx)?) +ort-fp32 .*?miou=(\d\.\d+)", checked.stdout, re.MULTILINE))
+    assert len(figures) == 2 and figures["tinyseg"] == figures["tinyseg-onnx"], checked.stdout[-3000:]
     # a changed checkpoint (relative path, resolved against the project) makes the goldens stale
     run(project, "-c", "import torch; s = torch.load('weights/tinyseg.pt'); s['body.4.bias'] += 1; "
                        "torch.save(s, 'weights/tinyseg.pt')")
-    stale = run(project, "-m", "pytest", "qcases/", "-m", "golden", "--backend", "torch-fp32", "-p", "no:cacheprovider")
+    stale = run(project, "-m", "pytest", "qcases/tinyseg.yaml", "-m", "golden", "--backend", "torch-fp32",
+                "-p", "no:cacheprovider")
     assert outcome(stale) == {"failed": 1} and "stale" in stale.stdout
 
 
