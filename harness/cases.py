@@ -64,12 +64,33 @@ class FactorySpec(_Strict):
         return value
 
 
-class ModelSpec(FactorySpec):
-    """How to build the float model."""
+class ModelSpec(_Strict):
+    """How to build the float model: a factory (with arguments and checkpoint), or an ONNX file."""
 
+    factory: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+    onnx: str | None = Field(None, description="an ONNX file instead of a factory: run by the ONNX backends only")
     checkpoint: str | None = None
     seed: int = Field(0, ge=-(2**63), le=2**64 - 1,
                       description="torch.manual_seed before building, for checkpoint-less models")
+
+    @field_validator("factory")
+    @classmethod
+    def _factory_resolves(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                resolve(value)
+            except FactoryError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _factory_or_onnx(self) -> ModelSpec:
+        if (self.factory is None) == (self.onnx is None):
+            raise ValueError("give exactly one of model.factory (a PyTorch model) and model.onnx (an ONNX file)")
+        if self.onnx is not None and (self.args or self.checkpoint is not None):
+            raise ValueError("model.args and model.checkpoint belong to a factory; an ONNX model has its weights")
+        return self
 
 
 class DataOverride(_Strict):
@@ -338,6 +359,12 @@ class Case:
         ckpt = self.spec.model.checkpoint
         return None if ckpt is None else self.resolve_path(ckpt, "model", "checkpoint")
 
+    @property
+    def onnx(self) -> Path | None:
+        """Absolute path of the case's ONNX model (`model.onnx`), or None for a factory model."""
+        onnx = self.spec.model.onnx
+        return None if onnx is None else self.resolve_path(onnx, "model", "onnx")
+
     def resolve_path(self, value: str, *key: str) -> Path:
         """Resolve a path written in the case (at `key`) against the project root. Unless
         `allow_outside_root`, CaseError naming the key for a path that leaves the root (`../`, or
@@ -359,6 +386,8 @@ class Case:
         self.resolve_path(s.golden.dir, "golden", "dir")
         if s.model.checkpoint is not None:
             self.resolve_path(s.model.checkpoint, "model", "checkpoint")
+        if s.model.onnx is not None:
+            self.resolve_path(s.model.onnx, "model", "onnx")
         sources = [(("model", "args"), s.model.args), (("data", "args"), s.data.args),
                    (("data", "calibration", "args"), s.data.calibration.args),
                    (("data", "train", "args"), s.data.train.args)]
@@ -384,7 +413,7 @@ class Case:
         s = self.spec
         payload = {
             "task": s.task,
-            "model": s.model.model_dump(),
+            "model": s.model.model_dump(exclude=set() if s.model.onnx else {"onnx"}),  # hashes as before `onnx`
             "data": {"factory": s.data.factory, "args": s.data.args},
             "golden_samples": s.golden.samples,
             "stages": {k: v.model_dump() for k, v in s.stages.items()},
@@ -449,6 +478,8 @@ def load_case(path: str | Path, *, root: Path | None = None, profile: str = DEFA
     case.check_paths()
     if case.checkpoint is not None and not case.checkpoint.is_file():
         raise case.error(f"checkpoint file {case.checkpoint} does not exist", "model", "checkpoint")
+    if case.onnx is not None and not case.onnx.is_file():
+        raise case.error(f"ONNX file {case.onnx} does not exist", "model", "onnx")
     return case
 
 

@@ -111,6 +111,17 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _golden_import(args: argparse.Namespace) -> int:
+    from harness.cases import load_case
+    from harness.context import CaseContext, RunOptions
+
+    case = load_case(args.case, profile=args.profile)
+    meta = CaseContext(case, RunOptions.default(case.root)).import_golden(Path(args.inputs), Path(args.outputs))
+    stages = ", ".join(f"{n}: {len(s['inputs'])} inputs, {len(s['outputs'])} outputs" for n, s in meta["stages"].items())
+    print(f"imported golden files of {case.name} into {case.golden_dir} ({stages})")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="qharness", description=__doc__)
@@ -151,6 +162,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("summary", help="summary.json written by `qharness train`")
     r.add_argument("--profile", default="default")
     r.set_defaults(func=_record_training)
+
+    g = sub.add_parser("golden", help="golden files made elsewhere").add_subparsers(dest="golden", required=True)
+    gi = g.add_parser("import", help="use .tensor/.npy files made elsewhere (e.g. NVIDIA's dumps) as a case's "
+                                     "golden inputs and reference outputs (docs/own-project.md)")
+    gi.add_argument("--case", required=True, help="case YAML file")
+    gi.add_argument("--inputs", required=True, help="folder of <input name>.tensor / .npy files")
+    gi.add_argument("--outputs", required=True, help="folder of <output name>.tensor / .npy reference outputs")
+    gi.add_argument("--profile", default="default")
+    gi.set_defaults(func=_golden_import)
 
     from harness.convert import NAMES, SUMMARIES
 

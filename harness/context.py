@@ -25,9 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness import tensorfile
 from harness.backends.base import PrepareContext, Runner
 from harness.backends.registry import (
     FLOAT_REFERENCE,
+    ONNX_FLOAT_REFERENCE,
     BackendInfo,
     backend_class,
     backend_info,
@@ -39,6 +41,8 @@ from harness.compare import Tolerance
 from harness.environment import library_versions
 from harness.errors import BackendUnavailable, GoldenError, HarnessError
 from harness.export import artifacts
+from harness.export.onnx_model import GraphIO, OnnxModule, graph_io
+from harness.export.ort_quant import Method, ort_qdq_onnx
 from harness.factory import FactoryError, resolve
 from harness.golden import GoldenStore
 from harness.identity import Fingerprint, fingerprint
@@ -104,6 +108,13 @@ def regenerate_command(case: Case) -> str:
     return f"pytest {rel} --update-golden{profile}"
 
 
+def import_command(case: Case) -> str:
+    """The qharness command that imports golden files made elsewhere for this case."""
+    try:
+        rel = case.path.resolve().relative_to(case.root.resolve())
+    except ValueError:
+        rel = case.path
+    return f"qharness golden import --case {rel} --inputs DIR --outputs DIR"
 
 
 def factory_failure(factory: str, exc: BaseException) -> str:
@@ -113,6 +124,22 @@ def factory_failure(factory: str, exc: BaseException) -> str:
     where = next((f for f in reversed(frames) if "site-packages" not in f.filename), frames[-1] if frames else None)
     at = f" (at {where.filename}:{where.lineno}, in {where.name})" if where else ""
     return f"{factory} raised {type(exc).__name__}: {exc}{at}"
+
+
+def _imported_tensor(folder: Path, name: str, kind: str, stage: str) -> np.ndarray:
+    """Tensor `name` from `folder` (`<name>.tensor`, else `<name>.npy`); GoldenError naming the
+    folder, the tensor and the files there otherwise."""
+    for suffix in (".tensor", ".npy"):
+        path = folder / f"{name}{suffix}"
+        if path.is_file():
+            try:
+                return tensorfile.load(path)
+            except HarnessError as exc:
+                raise GoldenError(f"cannot import {path}: {exc}") from exc
+    present = sorted(p.name for p in folder.glob("*")) if folder.is_dir() else []
+    where = f"{folder} holds {', '.join(present[:10]) or 'nothing'}" if folder.is_dir() else f"{folder} is not a folder"
+    raise GoldenError(f"cannot import the {kind} '{name}' of stage '{stage}': no {name}.tensor or {name}.npy "
+                      f"({where})")
 
 
 def _is_path_arg(key: str, value: object) -> bool:
@@ -129,6 +156,8 @@ def build_float_model(case: Case) -> nn.Module:
     against the project root like every path in a case. Raises CaseError naming `model.checkpoint` on mismatching keys.
     """
     spec = case.spec.model
+    if spec.factory is None:
+        raise case.error("the case's model is an ONNX file, not a PyTorch model factory", "model", "onnx")
     torch.manual_seed(spec.seed)
     args = {k: str(case.resolve_path(v)) if _is_path_arg(k, v) else v for k, v in spec.args.items()}
     try:
@@ -218,9 +247,43 @@ class CaseContext:
         return cls
 
     def validate(self) -> None:
-        """Collection-time checks that build nothing: task options and metric (CaseError)."""
+        """Collection-time checks that build nothing: task options and metric (CaseError); an
+        ONNX case declares no stages (its one stage is the graph)."""
         _ = self.adapter
         _ = self.metric_class
+        if self.is_onnx and self.case.spec.stages:
+            raise self.case.error("a case whose model is an ONNX file has one stage, 'model', with the graph's "
+                                  "inputs and outputs; remove `stages:`", "stages")
+        if self.is_onnx:
+            quant = self.case.spec.quant
+            for key, value in (("rules", quant.rules), ("quantizer", quant.quantizer)):
+                if value:
+                    raise self.case.error(f"quant.{key} applies to PyTorch models; an ONNX file is quantized by "
+                                          "ONNX Runtime's static quantization", "quant", key)
+            for index, name in enumerate(quant.keep_float):
+                if name not in self.onnx_io.nodes:
+                    raise self.case.error(f"quant.keep_float: the ONNX file {self.case.onnx} has no node named "
+                                          f"'{name}' (an ONNX case keeps graph nodes float, by node name)",
+                                          "quant", "keep_float", str(index))
+
+    @property
+    def is_onnx(self) -> bool:
+        """True when the case's model is an ONNX file (`model.onnx`), not a PyTorch factory."""
+        return self.case.onnx is not None
+
+    @functools.cached_property
+    def onnx_io(self) -> GraphIO:
+        """Inputs and outputs of the case's ONNX file (CaseError naming `model.onnx` when unreadable)."""
+        assert self.case.onnx is not None
+        try:
+            return graph_io(self.case.onnx)
+        except HarnessError as exc:
+            raise self.case.error(str(exc), "model", "onnx") from exc
+
+    @functools.cached_property
+    def onnx_sha256(self) -> str | None:
+        """sha256 of the case's ONNX file (None for a PyTorch model): the ONNX model's identity."""
+        return None if self.case.onnx is None else file_sha256(self.case.onnx)
 
     def info(self, backend: str) -> BackendInfo:
         """The registry entry of `backend`."""
@@ -262,6 +325,9 @@ class CaseContext:
 
     @functools.cached_property
     def _float_model(self) -> nn.Module:
+        if self.case.onnx is not None:
+            _ = self.onnx_io
+            return OnnxModule(self.case.onnx)
         return build_float_model(self.case)
 
     def float_model(self) -> nn.Module:
@@ -272,6 +338,9 @@ class CaseContext:
         """The case's stages over `model` (single stage named "model" unless `stages:` says)."""
         stages = self.case.spec.stages
         adapter = self.adapter
+        if self.is_onnx:
+            io = self.onnx_io
+            return Program.single(model, io.inputs, io.outputs, io.dynamic_batch)
         if not stages:
             return Program.single(model, adapter.input_names, adapter.output_names, adapter.dynamic_batch)
         if list(stages) == ["model"]:
@@ -291,14 +360,17 @@ class CaseContext:
     @functools.cached_property
     def fingerprint(self) -> Fingerprint:
         """What the float model is (`harness.identity`): its parameters and buffers and the code of
-        the project modules that define it (builds the model)."""
+        the project modules that define it (builds the model). Not for ONNX cases (`onnx_sha256`)."""
+        assert self.case.spec.model.factory is not None, "an ONNX case's identity is its file's sha256"
         return fingerprint(self._float_model, [self.case.spec.model.factory.split(":")[0]])
 
     @functools.cached_property
     def model_key(self) -> str:
         """Identity of the float model for every cache key: case config hash, checkpoint hash and
         the model's fingerprint, so edited weights, factory arguments or model code never reuse an
-        export, calibration or float metric."""
+        export, calibration or float metric. An ONNX case: config hash and the file's sha256."""
+        if self.onnx_sha256 is not None:
+            return content_key(self.case.config_hash(), "onnx", self.onnx_sha256)
         return content_key(self.case.config_hash(), self.checkpoint_sha256, self.fingerprint.digest())
 
     def stage_is_dynamic(self, stage: str) -> bool:
@@ -337,8 +409,10 @@ class CaseContext:
         task adapter checks the inputs (errors name the golden file)."""
         if self.options.update_golden and not self._golden_written:
             self.write_golden()
+        if self.is_onnx:
+            self._check_onnx_fresh()
         meta = self.golden.check_fresh(self.case.config_hash(), self.checkpoint_sha256)
-        changed = self.fingerprint.differences(meta.get("model_fingerprint"))
+        changed = [] if self.is_onnx else self.fingerprint.differences(meta.get("model_fingerprint"))
         if changed:
             raise GoldenError(f"golden files in {self.golden.dir} are stale: " + "; ".join(changed)
                               + f".\nRegenerate with: {self.golden.hint}")
@@ -352,6 +426,23 @@ class CaseContext:
             self.adapter.check_inputs(inputs, {n: str(self.golden.path_of("inputs", n, meta)) for n in inputs})
             out[name] = StageRecord(inputs, {n: self.golden.read("outputs", n, meta) for n in stages[name]["outputs"]})
         return out
+
+    def _check_onnx_fresh(self) -> None:
+        """GoldenError (stale, with the regeneration command) when the golden files were made for
+        another ONNX file than the case's."""
+        made_for = self.golden.meta().get("onnx_sha256")
+        if made_for != self.onnx_sha256:
+            raise GoldenError(f"golden files in {self.golden.dir} are stale: ONNX file {self.case.onnx} sha256 "
+                              f"{str(self.onnx_sha256)[:12]} != {str(made_for)[:12]} in {self.golden.meta_path}.\n"
+                              f"Regenerate with: {self.golden.hint} (or import them again with "
+                              f"`{import_command(self.case)}`)")
+
+    def model_identity(self) -> dict[str, Any]:
+        """meta.json entries saying which model made golden files: the fingerprint of a PyTorch
+        model, or the ONNX file and its sha256."""
+        if self.is_onnx:
+            return {"onnx": self.case.spec.model.onnx, "onnx_sha256": self.onnx_sha256}
+        return {"model_fingerprint": self.fingerprint.to_dict()}
 
     def write_golden(self) -> None:
         """Regenerate golden inputs, reference outputs and meta.json from the float model, in
@@ -372,7 +463,9 @@ class CaseContext:
             "created_by": regenerate_command(self.case),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "stages": {n: {"inputs": list(r.inputs), "outputs": list(r.outputs)} for n, r in reference.items()},
-            "model_fingerprint": self.fingerprint.to_dict(),
+            **self.model_identity(),
+            "provenance": "generated",
+            "reference": self.float_reference if self.is_onnx else backend_with_role(FLOAT_REFERENCE),
         }
         provide = getattr(self._float_model, "golden_files", None)
         model_files = {name: np.asarray(a) for name, a in provide().items()} if callable(provide) else {}
@@ -380,6 +473,38 @@ class CaseContext:
                           model_files=model_files, allow_nonfinite=self.case.spec.golden.allow_nonfinite,
                           overwrite_other_case=self.options.overwrite_golden)
         self._golden_written = True
+
+    def import_golden(self, inputs_dir: Path, outputs_dir: Path) -> dict[str, Any]:
+        """Make golden files from tensors made elsewhere (e.g. NVIDIA's `.tensor` dumps of an
+        engine's inputs and outputs): each stage input `<name>` is read from `inputs_dir` and each
+        output from `outputs_dir` as `<name>.tensor` or `<name>.npy`, copied into the golden folder
+        as `.tensor`, with meta.json saying `"provenance": "imported"`, where from, the model's
+        identity (an ONNX case: its file's sha256) and the stage names (an ONNX case: read from the
+        graph). Returns the new meta.json. GoldenError naming the folder and the tensor when a
+        file is missing or unreadable."""
+        program = self.program(self._float_model)
+        tensors: dict[str, dict[str, np.ndarray]] = {"inputs": {}, "outputs": {}}
+        for stage in program.stages.values():
+            for kind, folder, names in (("inputs", inputs_dir, stage.inputs), ("outputs", outputs_dir, stage.outputs)):
+                for name in names:
+                    tensors[kind][name] = _imported_tensor(Path(folder), name, kind[:-1], stage.name)
+        meta = {
+            "case": self.case.name,
+            "profile": self.case.profile,
+            "config_hash": self.case.config_hash(),
+            "checkpoint": self.case.spec.model.checkpoint,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "versions": library_versions(),
+            "created_by": import_command(self.case),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "stages": {s.name: {"inputs": list(s.inputs), "outputs": list(s.outputs)} for s in program.stages.values()},
+            **self.model_identity(),
+            "provenance": "imported",
+            "imported_from": {"inputs": str(inputs_dir), "outputs": str(outputs_dir)},
+        }
+        self.golden.write(tensors, meta, allow_nonfinite=self.case.spec.golden.allow_nonfinite,
+                          overwrite_other_case=self.options.overwrite_golden)
+        return self.golden.meta()
 
     def stage_feeds(self) -> dict[str, dict[str, torch.Tensor]]:
         """Example feeds per stage for exports: golden inputs when present, else the reference."""
@@ -394,6 +519,8 @@ class CaseContext:
     def unavailable_reason(self, backend: str) -> str | None:
         """The skip reason for `backend` on this run's device, or None when it can run: the task's
         (by the backend's capabilities), then the backend's own (libraries, devices)."""
+        if self.is_onnx and self.info(backend).graph != "onnx":
+            return f"the case's model is an ONNX file; {backend} runs the PyTorch model"
         reason = self.adapter.unsupported_reason(self.info(backend), self.options.device)
         if reason:
             return reason
@@ -412,16 +539,45 @@ class CaseContext:
         )
 
     def float_onnx(self) -> dict[str, Path]:
-        """The float ONNX of every stage (cached; shared by every backend that takes ONNX)."""
+        """The float ONNX of every stage (cached; shared by every backend that takes ONNX); an
+        ONNX case's own file as its stage "model"."""
+        if self.case.onnx is not None:
+            return {SINGLE_STAGE: self.case.onnx}
         return artifacts.float_onnx(self.cache, self.case.name, self.model_key,
                                     lambda: self.program(self.float_model()), self.stage_feeds())
 
     def qdq_onnx(self, layout: Literal["tensorrt", "onnxruntime"],
                  weight_codes: Literal["int8", "uint8"] = "int8") -> dict[str, Path]:
-        """The Q/DQ ONNX of every stage of the calibrated model in `layout` (cached)."""
+        """The Q/DQ ONNX of every stage of the calibrated model in `layout` (cached); for an ONNX
+        case, ONNX Runtime's static quantization of its file (`harness.export.ort_quant`)."""
+        if self.case.onnx is not None:
+            return {SINGLE_STAGE: ort_qdq_onnx(self.cache, self.case.name, self.quant_key, self.case.onnx,
+                                               self._onnx_calibration_feeds, layout, weight_codes,
+                                               *self._ort_calibration_method(),
+                                               keep_float=tuple(self.case.spec.quant.keep_float))}
         return artifacts.qdq_onnx(self.cache, self.case.name, self.quant_key,
                                   lambda: self.program(self.quantized_model()), self.stage_feeds(), layout,
                                   weight_codes)
+
+    def _onnx_calibration_feeds(self) -> Iterator[dict[str, np.ndarray]]:
+        """The calibration split's program inputs as numpy feeds (for ONNX Runtime's calibration)."""
+        spec = self.case.spec.quant
+        inputs = self.adapter.calibration_inputs(self.dataset("calibration"), spec.calibration_batch_size,
+                                                 spec.calibration_batches)
+        for feeds in inputs:
+            yield {k: v.detach().cpu().numpy() for k, v in feeds.items()}
+
+    def _ort_calibration_method(self) -> tuple[Method, float]:
+        """ONNX Runtime's calibration method for the case's activation calibrator (max: MinMax;
+        histogram: Percentile or Entropy); CaseError naming the key for methods it lacks."""
+        act = self.case.spec.quant.activations
+        if act.calibrator == "max":
+            return "minmax", act.percentile
+        if act.method in ("percentile", "entropy"):
+            return act.method, act.percentile
+        raise self.case.error(f"ONNX Runtime's static quantization has no '{act.method}' calibration; an ONNX "
+                              "case uses calibrator max, or histogram with method percentile or entropy",
+                              "quant", "activations", "method")
 
     def runner(self, backend: str) -> Runner:
         """The prepared runner of `backend` (built once per run; artefacts cached on disk)."""
@@ -523,8 +679,9 @@ class CaseContext:
 
     @property
     def float_reference(self) -> str:
-        """The backend whose outputs are the golden reference and whose metric is the float metric."""
-        return backend_with_role(FLOAT_REFERENCE)
+        """The backend whose outputs are the golden reference and whose metric is the float metric
+        (for an ONNX case, the one running its file in float)."""
+        return backend_with_role(ONNX_FLOAT_REFERENCE if self.is_onnx else FLOAT_REFERENCE)
 
     def float_metric(self) -> dict[str, Any]:
         """The float model's metric (the float reference backend on this run's device), cached on disk."""

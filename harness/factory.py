@@ -19,7 +19,8 @@ def resolve(spec: str, *, allow_stdlib: bool = False) -> Callable[..., Any]:
     callables from Python's standard library are refused unless `allow_stdlib` (model, dataset,
     task, metric and quantizer factories come from the project or an installed package).
     Raises FactoryError (a ValueError) when the spec is malformed, names the standard library,
-    the module cannot be imported or the attribute does not exist or is not callable.
+    the module cannot be imported (with a hint about pytest's `pythonpath` when the module itself
+    is not found) or the attribute does not exist or is not callable.
     """
     if spec.count(":") != 1:
         raise FactoryError(f"'{spec}' is not of the form 'package.module:callable'")
@@ -33,7 +34,12 @@ def resolve(spec: str, *, allow_stdlib: bool = False) -> Callable[..., Any]:
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
-        raise FactoryError(f"cannot import module '{module_name}': {exc}") from exc
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError) and (module_name + ".").startswith(f"{exc.name}."):
+            hint = (f"; if '{exc.name}' is part of your project, put the folder holding it on the path with "
+                    "`pythonpath` in your pytest configuration (pyproject.toml: [tool.pytest.ini_options] "
+                    "pythonpath = [\".\"]; docs/own-project.md)")
+        raise FactoryError(f"cannot import module '{module_name}': {exc}{hint}") from exc
     for part in attr_path.split("."):
         try:
             obj = getattr(obj, part)

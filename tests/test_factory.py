@@ -28,6 +28,17 @@ def test_module_that_does_not_import() -> None:
         resolve("harness.no_such_module:build")
 
 
+def test_missing_project_module_hints_at_pythonpath(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(FactoryError, match=r"cannot import module 'qh_mymodels\.nets'.*`pythonpath` in your pytest"):
+        resolve("qh_mymodels.nets:build")
+    # a module that exists but imports a missing dependency gets no such hint
+    (tmp_path / "qh_needs_dep.py").write_text("import qh_missing_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(FactoryError) as info:
+        resolve("qh_needs_dep:build")
+    assert "qh_missing_dependency" in str(info.value) and "pythonpath" not in str(info.value)
+
+
 def test_missing_attribute_names_module_and_attribute() -> None:
     with pytest.raises(FactoryError, match=re.escape("module 'os.path' has no attribute 'joinn'")):
         resolve("os.path:joinn", allow_stdlib=True)

@@ -244,3 +244,15 @@ def test_pictures_show_every_sample(tmp_path: Path) -> None:
     for path in paths:
         with Image.open(path) as im:
             assert im.format == "PNG" and min(im.size) > 200
+
+
+def test_normalisation_options_are_used_and_checked(tmp_path: Path) -> None:
+    adapter = make_case(tmp_path, decoder_args=NO_NMS_ARGS + ", mean: [10, 20, 30], std: [2, 4, 8], channel_order: bgr")
+    images = DATA[0].images
+    x = adapter.golden_inputs(DATA, 1)["image"].numpy()
+    expected = (images[..., ::-1].astype(np.float32) - [10, 20, 30]) / [2, 4, 8]
+    np.testing.assert_allclose(x.transpose(0, 2, 3, 1), expected, rtol=1e-6)
+    assert np.array_equal(adapter.norm.invert(x), images)
+    assert np.array_equal(make_case(tmp_path).golden_inputs(DATA, 1)["image"].numpy(), preprocess(images))
+    with pytest.raises(CaseError, match=r"key 'task_args.nomalize': unknown detection3d task option 'nomalize'"):
+        make_case(tmp_path, decoder_args=NO_NMS_ARGS + ", nomalize: true")

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.errors import HarnessError
-from harness.tasks.segmentation import postprocess, preprocess
+from harness.cases import load_case
+from harness.datasets.roads import RoadScenes
+from harness.errors import CaseError, HarnessError
+from harness.tasks.base import Batch
+from harness.tasks.segmentation import SegmentationTask, postprocess, preprocess
 
 
 def test_preprocess_layout_and_values() -> None:
@@ -60,3 +65,58 @@ def test_postprocess_same_size_is_plain_argmax() -> None:
 def test_postprocess_rejects_bad_rank() -> None:
     with pytest.raises(HarnessError, match=r"\(3, 4, 5\)"):
         postprocess(np.zeros((3, 4, 5), np.float32), (8, 10))
+
+
+SEG_CASE = """\
+name: seg
+task: segmentation
+{task_args}
+model: {{factory: "harness.zoo.pidnet:pidnet_s", args: {{num_classes: 4}}}}
+data: {{factory: "harness.datasets.roads:RoadScenes", args: {{split: val, size: 2, height: 32, width: 64}}}}
+golden: golden/seg
+backends: {{torch-fp32: {{compare: {{atol: 1.0e-5}}}}}}
+"""
+
+
+def seg_task(tmp_path: Path, task_args: str) -> SegmentationTask:
+    """The segmentation adapter of a case with `task_args` (a YAML line, or empty)."""
+    path = tmp_path / "case.yaml"
+    path.write_text(SEG_CASE.format(task_args=task_args))
+    return SegmentationTask(load_case(path, root=tmp_path))
+
+
+@pytest.mark.parametrize(("line", "key"), [
+    ("task_args: {mean: [0.5, 0.5, 0.5], nomalize: true}", "task_args.nomalize"),
+    ("task_args: {mean: [0.5, 0.5]}", "task_args.mean"),
+    ("task_args: {std: [1, 0, 1]}", "task_args.std"),
+    ("task_args: {channel_order: rbg}", "task_args.channel_order"),
+    ("task_args: {align_corners: 1}", "task_args.align_corners"),
+    ("task_args: {input_name: ''}", "task_args.input_name"),
+])
+def test_task_args_are_checked_and_name_the_key(tmp_path: Path, line: str, key: str) -> None:
+    with pytest.raises(CaseError) as info:
+        seg_task(tmp_path, line)
+    assert info.value.key == key and info.value.line == 3
+
+
+def test_task_args_normalisation_channel_order_and_names_are_used(tmp_path: Path) -> None:
+    default = seg_task(tmp_path, "")
+    images = np.random.default_rng(0).integers(0, 256, (1, 4, 4, 3), dtype=np.uint8)
+    assert np.array_equal(default.norm.apply(images), preprocess(images))
+    task = seg_task(tmp_path, "task_args: {mean: [0.1, 0.2, 0.3], std: [0.5, 0.5, 0.25], channel_order: bgr, "
+                              "input_name: input.1, output_name: out}")
+    x = task.norm.apply(images)
+    expected = (images[0, :, :, ::-1].astype(np.float32) / 255 - [0.1, 0.2, 0.3]) / [0.5, 0.5, 0.25]
+    np.testing.assert_allclose(x[0].transpose(1, 2, 0), expected, rtol=1e-6)
+    assert np.array_equal(task.norm.invert(x), images)
+    assert task.input_names == ("input.1",) and task.output_names == ("out",)
+    assert set(task.golden_inputs([RoadScenes(split="val", size=1, height=8, width=8)[0]], 1)) == {"input.1"}
+
+
+def test_align_corners_option_changes_decode(tmp_path: Path) -> None:
+    logits = torch.randn(1, 4, 5, 7, generator=torch.Generator().manual_seed(0))
+    batch = Batch({}, np.zeros((1, 37, 61), dtype=np.int64), ("0",))
+    plain = seg_task(tmp_path, "").decode({"logits": logits}, batch)[0]
+    aligned = seg_task(tmp_path, "task_args: {align_corners: true}").decode({"logits": logits}, batch)[0]
+    ref = F.interpolate(logits, size=(37, 61), mode="bilinear", align_corners=True).argmax(1)[0].numpy()
+    assert np.array_equal(aligned, ref) and not np.array_equal(plain, aligned)

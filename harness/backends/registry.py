@@ -28,7 +28,9 @@ SPEEDUP_BASE = "speedup_base"
 """Latencies in reports are shown as speedups over this backend."""
 QUANT_REFERENCE = "quant_reference"
 """The int8 accuracy model: default fidelity reference of real int8 kernels; hosts the rules check."""
-ROLES = (FLOAT_REFERENCE, SPEEDUP_BASE, QUANT_REFERENCE)
+ONNX_FLOAT_REFERENCE = "onnx_float_reference"
+"""The float reference of cases whose model is an ONNX file (no PyTorch model to run)."""
+ROLES = (FLOAT_REFERENCE, SPEEDUP_BASE, QUANT_REFERENCE, ONNX_FLOAT_REFERENCE)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ for _info in (
     BackendInfo("torch-fp16", "harness.backends.torch_eager:TorchFP16", "fp16", "torch", needs_cuda=True),
     BackendInfo("fakequant-int8", "harness.backends.fakequant:FakeQuantInt8", "int8", "torch", quantized=True,
                 roles=frozenset({QUANT_REFERENCE})),
-    BackendInfo("ort-fp32", "harness.backends.onnxruntime:OrtFP32", "fp32", "onnx"),
+    BackendInfo("ort-fp32", "harness.backends.onnxruntime:OrtFP32", "fp32", "onnx",
+                roles=frozenset({ONNX_FLOAT_REFERENCE})),
     BackendInfo("ort-int8", "harness.backends.onnxruntime:OrtInt8", "int8", "onnx", quantized=True),
     BackendInfo("trt-fp16", "harness.backends.tensorrt:TrtFP16", "fp16", "onnx", needs_cuda=True),
     BackendInfo("trt-int8", "harness.backends.tensorrt:TrtInt8", "int8", "onnx", quantized=True, needs_cuda=True),

@@ -34,6 +34,7 @@ from harness.errors import HarnessError
 from harness.factory import FactoryError, resolve
 from harness.metrics.nds import DETECTION_CLASSES
 from harness.tasks.base import Batch, Dataset, TaskAdapter
+from harness.tasks.options import NORMALISATION_KEYS, Normalisation, TaskOptions
 
 if TYPE_CHECKING:
     from harness.cases import Case
@@ -43,7 +44,7 @@ OUTPUT_NAMES: tuple[str, ...] = ("cls_score", "bbox_pred", "dir_cls_preds")
 IMAGE_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
 IMAGE_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 """FastBEV's `img_norm_cfg` on 0..255 RGB (mmdet's ImageNet statistics)."""
-_TASK_ARGS = frozenset({"decoder", "decoder_args"})
+_TASK_ARGS = frozenset({"decoder", "decoder_args"}) | NORMALISATION_KEYS
 CAMERAS: tuple[str, ...] = (
     "CAM_FRONT",
     "CAM_FRONT_RIGHT",
@@ -75,24 +76,19 @@ _VEHICLES = frozenset({"car", "truck", "bus", "trailer", "construction_vehicle"}
 _CYCLES = frozenset({"bicycle", "motorcycle"})
 
 
-def preprocess(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-    """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float32 (x - IMAGE_MEAN) / IMAGE_STD, FastBEV's
-    `img_norm_cfg` (to_rgb, 0..255 scale)."""
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise HarnessError(
-            f"preprocess expects (N, H, W, 3) uint8 RGB images, got {images.dtype} {images.shape}"
-        )
-    x = images.astype(np.float32)
-    x -= np.asarray(IMAGE_MEAN, dtype=np.float32)
-    x /= np.asarray(IMAGE_STD, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+FASTBEV_NORM = Normalisation(IMAGE_MEAN, IMAGE_STD, "rgb", 1.0)
+"""FastBEV's `img_norm_cfg`: (x - IMAGE_MEAN) / IMAGE_STD on 0..255 RGB."""
 
 
-def denormalize(images: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
-    """Inverse of `preprocess` for pictures: (N, 3, H, W) -> (N, H, W, 3) uint8."""
-    x = images.transpose(0, 2, 3, 1) * np.asarray(IMAGE_STD, np.float32)
-    x += np.asarray(IMAGE_MEAN, np.float32)
-    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+def preprocess(images: npt.NDArray[np.uint8], norm: Normalisation = FASTBEV_NORM) -> npt.NDArray[np.float32]:
+    """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float32 normalised by `norm` (default FastBEV's
+    `img_norm_cfg`: (x - IMAGE_MEAN) / IMAGE_STD, to_rgb, 0..255 scale)."""
+    return norm.apply(images)
+
+
+def denormalize(images: npt.NDArray[np.float32], norm: Normalisation = FASTBEV_NORM) -> npt.NDArray[np.uint8]:
+    """Inverse of `preprocess` for pictures: (N, 3, H, W) -> (N, H, W, 3) uint8 RGB."""
+    return norm.invert(images)
 
 
 FloatArray = npt.NDArray[np.float64]
@@ -189,7 +185,9 @@ class Detection3DTask(TaskAdapter):
     """Six-camera images in, the model's outputs decoded by the case's decoder into boxes.
 
     task_args: `decoder` ("module:Class", required for metrics and agreement: called with
-    `decoder_args` once, then with (outputs, sample index) per sample), `decoder_args`.
+    `decoder_args` once, then with (outputs, sample index) per sample), `decoder_args`; `mean`,
+    `std` (3 numbers each on the 0..255 scale, default FastBEV's `img_norm_cfg`) and
+    `channel_order` (rgb | bgr, the order the model takes; mean and std in that order).
     Predictions are "boxes3d": per sample, `harness.metrics.nds` box mappings.
     """
 
@@ -200,10 +198,7 @@ class Detection3DTask(TaskAdapter):
     def __init__(self, case: Case):
         super().__init__(case)
         args = case.spec.task_args
-        unknown = sorted(set(args) - _TASK_ARGS)
-        if unknown:
-            raise case.error(f"unknown detection3d task option '{unknown[0]}'; known: {sorted(_TASK_ARGS)}",
-                             "task_args", unknown[0])
+        self.norm = TaskOptions(case, "detection3d", _TASK_ARGS).normalisation(IMAGE_MEAN, IMAGE_STD, 1.0)
         self.decoder: Decoder | None = None
         spec = args.get("decoder")
         if spec is None:
@@ -223,7 +218,7 @@ class Detection3DTask(TaskAdapter):
         if count != 1:
             raise self.case.error(f"detection3d golden files hold one sample (its stages run once per sample), "
                                   f"got golden.samples {count}", "golden", "samples")
-        return {"image": torch.from_numpy(preprocess(dataset[0].images))}
+        return {"image": torch.from_numpy(preprocess(dataset[0].images, self.norm))}
 
     def batches(self, dataset: Dataset, batch_size: int) -> Iterator[Batch]:
         """Preprocessed images of `batch_size` samples each, targets `Detection3DTarget`s."""
@@ -231,7 +226,7 @@ class Detection3DTask(TaskAdapter):
             samples = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             images = np.concatenate([s.images for s in samples])
             targets = tuple(Detection3DTarget(s.token, tuple(s.boxes), np.asarray(s.lidar2img)) for s in samples)
-            yield Batch({"image": torch.from_numpy(preprocess(images))}, targets, tuple(t.token for t in targets))
+            yield Batch({"image": torch.from_numpy(preprocess(images, self.norm))}, targets, tuple(t.token for t in targets))
 
     def detections(self, outputs: Mapping[str, torch.Tensor], index: int) -> Detections:
         """Final boxes of sample `index` of a batch's outputs (the case's decoder)."""
@@ -266,7 +261,7 @@ class Detection3DTask(TaskAdapter):
                  prefix: str) -> list[Path]:
         """Per sample: a BEV plot (ground truth, float, backend boxes) and the six camera images
         with the boxes projected (ground truth thin, float and backend)."""
-        images = denormalize(batch.inputs["image"].numpy())
+        images = denormalize(batch.inputs["image"].numpy(), self.norm)
         ncam = images.shape[0] // max(len(batch.targets), 1)
         written: list[Path] = []
         out_dir.mkdir(parents=True, exist_ok=True)

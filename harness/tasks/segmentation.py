@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from harness.errors import HarnessError
 from harness.tasks.base import Batch, Dataset, TaskAdapter
+from harness.tasks.options import NORMALISATION_KEYS, Normalisation, TaskOptions
 
 if TYPE_CHECKING:
-    pass
+    from harness.cases import Case
 
 PALETTE: npt.NDArray[np.uint8] = np.array(
     [
@@ -57,47 +58,71 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def preprocess(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-    """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float32: x / 255, then ImageNet mean / std per
-    channel, as PIDNet is trained."""
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise HarnessError(
-            f"preprocess expects (N, H, W, 3) uint8 RGB images, got {images.dtype} {images.shape}"
-        )
-    x = images.astype(np.float32) / np.float32(255.0)
-    x -= np.asarray(IMAGENET_MEAN, dtype=np.float32)
-    x /= np.asarray(IMAGENET_STD, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+IMAGENET = Normalisation(IMAGENET_MEAN, IMAGENET_STD, "rgb", 255.0)
+"""PIDNet's training normalisation: x / 255, then ImageNet mean / std per RGB channel."""
+TASK_ARGS = frozenset({"input_name", "output_name", "align_corners"}) | NORMALISATION_KEYS
 
 
-def postprocess(logits: npt.NDArray[np.floating], size: tuple[int, int]) -> npt.NDArray[np.int64]:
+def preprocess(images: npt.NDArray[np.uint8], norm: Normalisation = IMAGENET) -> npt.NDArray[np.float32]:
+    """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float32 normalised by `norm` (default: x / 255,
+    then ImageNet mean / std per channel, as PIDNet is trained)."""
+    return norm.apply(images)
+
+
+def postprocess(logits: npt.NDArray[np.floating], size: tuple[int, int],
+                align_corners: bool = False) -> npt.NDArray[np.int64]:
     """(N, C, h, w) logits -> (N, H, W) int64 class ids: bilinear resize to `size` = (H, W)
-    (align_corners=False, in float32 through torch), then argmax over C."""
+    (`align_corners` as given, False by default; in float32 through torch), then argmax over C."""
     if logits.ndim != 4:
         raise HarnessError(f"postprocess expects (N, C, h, w) logits, got shape {logits.shape}")
     t = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))
     with torch.no_grad():
         if tuple(t.shape[-2:]) != tuple(size):
-            t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+            t = F.interpolate(t, size=size, mode="bilinear", align_corners=align_corners)
         labels: npt.NDArray[np.int64] = t.argmax(dim=1).numpy().astype(np.int64)
     return labels
 
 
 class SegmentationTask(TaskAdapter):
-    """Images in (ImageNet-normalised NCHW float32), `logits` out, label maps as predictions.
+    """Images in (normalised NCHW float32, input `image`), logits out (output `logits`), label
+    maps as predictions.
 
     Datasets yield samples with `image` (H, W, 3) uint8 RGB and `label` (H, W) integer ids
-    (`ignore_index` for void). `decode` upsamples the logits to the label size and takes the
-    argmax: per-sample "label_map" predictions for the `miou` metric.
+    (`ignore_index` for void). `decode` upsamples the logits bilinearly to the label size and
+    takes the argmax: per-sample "label_map" predictions for the `miou` metric.
+
+    task_args: `mean`, `std` (3 numbers each, on the 0..1 scale; default ImageNet's),
+    `channel_order` (rgb | bgr: the channel order the model takes; mean and std are in that
+    order), `input_name` / `output_name` (the single-stage model's tensor names; default
+    `image` / `logits`), `align_corners` (the bilinear upsampling of `decode`; default false).
     """
 
     input_names = ("image",)
     output_names = ("logits",)
     prediction_kind = "label_map"
 
+    def __init__(self, case: Case):
+        super().__init__(case)
+        options = TaskOptions(case, "segmentation", TASK_ARGS)
+        self.norm = options.normalisation(IMAGENET_MEAN, IMAGENET_STD, 255.0)
+        self.align_corners = options.boolean("align_corners", False)
+        input_name, output_name = options.name("input_name"), options.name("output_name")
+        for key, value in (("input_name", input_name), ("output_name", output_name)):
+            if value is not None and case.spec.stages:
+                raise case.error(f"task_args.{key} names the tensor of a single-stage model; this case declares "
+                                 "`stages:`, whose inputs and outputs name the tensors", "task_args", key)
+        self.input_names = (input_name or "image",)
+        self.output_names = (output_name or "logits",)
+
+    @property
+    def input_name(self) -> str:
+        """The name of the image input."""
+        return self.input_names[0]
+
     def golden_inputs(self, dataset: Dataset, count: int) -> dict[str, torch.Tensor]:
         """The first `count` images, preprocessed, as one batch."""
-        return {"image": torch.from_numpy(preprocess(np.stack([dataset[i].image for i in range(count)])))}
+        images = np.stack([dataset[i].image for i in range(count)])
+        return {self.input_name: torch.from_numpy(preprocess(images, self.norm))}
 
     def batches(self, dataset: Dataset, batch_size: int) -> Iterator[Batch]:
         """Preprocessed images with their label maps as targets."""
@@ -106,12 +131,12 @@ class SegmentationTask(TaskAdapter):
             images = np.stack([s.image for s in samples])
             labels = np.stack([s.label for s in samples])
             ids = tuple(str(getattr(s, "index", start + k)) for k, s in enumerate(samples))
-            yield Batch({"image": torch.from_numpy(preprocess(images))}, labels, ids)
+            yield Batch({self.input_name: torch.from_numpy(preprocess(images, self.norm))}, labels, ids)
 
     def decode(self, outputs: Mapping[str, torch.Tensor], batch: Batch) -> list[np.ndarray]:
         """Label maps at the targets' resolution (bilinear upsampling, then argmax)."""
         labels = np.asarray(batch.targets)
-        return list(postprocess(_logits(outputs), labels.shape[-2:]))
+        return list(postprocess(self._logits(outputs), labels.shape[-2:], self.align_corners))
 
     def agreement(self, a: Sequence[np.ndarray], b: Sequence[np.ndarray], batch: Batch) -> tuple[int, int]:
         """Pixels (at label resolution, void included) whose decoded class is the same in both."""
@@ -125,8 +150,9 @@ class SegmentationTask(TaskAdapter):
         from PIL import Image
 
         labels = np.asarray(batch.targets)
-        images = _denormalize(batch.inputs["image"].numpy())
-        preds = {name: postprocess(_logits(o), labels.shape[-2:]) for name, o in outputs.items()}
+        images = self.norm.invert(batch.inputs[self.input_name].numpy())
+        preds = {name: postprocess(self._logits(o), labels.shape[-2:], self.align_corners)
+                 for name, o in outputs.items()}
         reference = preds.get("float")
         written = []
         for k, sample in enumerate(batch.sample_ids):
@@ -143,15 +169,9 @@ class SegmentationTask(TaskAdapter):
             written.append(path)
         return written
 
-
-def _logits(outputs: Mapping[str, torch.Tensor]) -> np.ndarray:
-    """The `logits` output as a numpy array; HarnessError naming the outputs it got otherwise."""
-    if "logits" not in outputs:
-        raise HarnessError(f"segmentation: the program produced no 'logits' (got {sorted(outputs)})")
-    return outputs["logits"].detach().cpu().numpy()
-
-
-def _denormalize(images: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
-    """Inverse of `preprocess` for pictures: (N, 3, H, W) -> (N, H, W, 3) uint8."""
-    x = images.transpose(0, 2, 3, 1) * np.asarray(IMAGENET_STD, np.float32) + np.asarray(IMAGENET_MEAN, np.float32)
-    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+    def _logits(self, outputs: Mapping[str, torch.Tensor]) -> np.ndarray:
+        """The logits output as a numpy array; HarnessError naming the outputs it got otherwise."""
+        name = self.output_names[0]
+        if name not in outputs:
+            raise HarnessError(f"segmentation: the program produced no '{name}' (got {sorted(outputs)})")
+        return outputs[name].detach().cpu().numpy()

@@ -7,13 +7,17 @@ golden inputs and batches concatenate samples along dim 0.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from harness.errors import HarnessError
 from harness.tasks.base import Batch, Dataset, TaskAdapter
+from harness.tasks.options import TaskOptions
+
+if TYPE_CHECKING:
+    from harness.cases import Case
 
 
 def sample_arrays(sample: Any, index: int) -> dict[str, np.ndarray]:
@@ -26,7 +30,12 @@ def sample_arrays(sample: Any, index: int) -> dict[str, np.ndarray]:
 
 
 class TensorTask(TaskAdapter):
-    """Feeds sample arrays straight to the program; no metric."""
+    """Feeds sample arrays straight to the program (input names: the samples' array fields, or
+    the case's `stages`); no metric, no task options."""
+
+    def __init__(self, case: Case):
+        super().__init__(case)
+        TaskOptions(case, "tensors", frozenset())
 
     def golden_inputs(self, dataset: Dataset, count: int) -> dict[str, torch.Tensor]:
         """The first `count` samples concatenated along dim 0."""

@@ -45,6 +45,8 @@ def train_case(args: argparse.Namespace) -> int:
     case = load_case(args.case, profile=args.profile)
     run = CaseContext(case, RunOptions.default(case.root))
     model_spec = case.spec.model
+    if model_spec.factory is None:
+        raise case.error("the case's model is an ONNX file; training needs a PyTorch model factory", "model", "onnx")
     factory = resolve(model_spec.factory)
     kwargs = recipe(case.spec.training, args)
     kwargs.update(device=_device(args.device), out_dir=args.out,
