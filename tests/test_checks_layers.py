@@ -89,3 +89,17 @@ def test_conv_transpose_is_named_as_float_in_onnxruntime(tmp_path: Path, monkeyp
 
 def test_layers_is_a_registered_kind() -> None:
     assert "layers" in [c.kind for c in CHECKS]
+
+
+def test_metric_failures_name_the_worst_layers_and_the_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.checks.metric import _where_int8_loses
+
+    run = make_run(tmp_path, monkeypatch, "tiny:make", "head")
+    text = _where_int8_loses(run, "fakequant-int8")
+    lines = text.splitlines()
+    assert lines[0].startswith("worst 3 layers by SNR")
+    assert {line.split()[0] for line in lines[1:4]} == {"stem.0", "body.0", "add"}
+    snrs = [float(line.split("alone")[1].split()[0]) for line in lines[1:4]]
+    assert snrs == sorted(snrs)
+    assert lines[-1] == (f"rank layers by the metric: qharness sensitivity {run.case.path} --backend fakequant-int8 "
+                         "--profile default")
