@@ -21,6 +21,7 @@ from tabulate import tabulate
 
 from harness.backends.registry import QUANT_REFERENCE
 from harness.checks.base import Check, ItemSpec
+from harness.errors import BackendUnavailable
 from harness.fmt import fixed
 from harness.records import Record
 
@@ -47,6 +48,9 @@ class LayersCheck(Check):
         from harness.layerwise import case_layers, ort_float_layers
 
         started = time.perf_counter()
+        reason = ctx.unavailable_reason(backend)
+        if reason:
+            raise BackendUnavailable(reason)
         stages = case_layers(ctx)
         ort = ort_float_layers(ctx)
         rows = []
