@@ -93,10 +93,16 @@ class MetricCheck(Check):
 def _where_int8_loses(ctx: CaseContext, backend: str) -> str:
     """The worst five layers of the per-layer report (computed now, cached) and the command that
     ranks layers by the metric."""
+    from harness.cases import DEFAULT_PROFILE
     from harness.layerwise import worst_layers_text
 
-    return (f"{worst_layers_text(ctx, 5)}\nrank layers by the metric: qharness sensitivity {ctx.case.path} "
-            f"--backend {backend} --profile {ctx.case.profile}")
+    try:
+        path = ctx.case.path.resolve().relative_to(ctx.case.root.resolve())
+    except ValueError:
+        path = ctx.case.path
+    profile = "" if ctx.case.profile == DEFAULT_PROFILE else f" --profile {ctx.case.profile}"
+    return (f"{worst_layers_text(ctx, 5)}\nrank layers by the metric: qharness sensitivity {path.as_posix()} "
+            f"--backend {backend}{profile}")
 
 
 def gated_keys(ctx: CaseContext) -> list[str]:
