@@ -69,6 +69,7 @@ def quant_config(spec: QuantSpec) -> QuantConfig:
     return QuantConfig(
         activations=activations, weights=weights, include=tuple(spec.include), exclude=tuple(spec.exclude),
         keep_float=tuple(spec.keep_float), rules=tuple(rules), fold_bn=spec.fold_bn,
+        functional_joins=spec.functional_joins,
     )
 
 

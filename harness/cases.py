@@ -241,6 +241,9 @@ class QuantSpec(_Strict):
     keep_float: list[str] = Field(default_factory=list)
     rules: list[str] = Field(default_factory=list)
     fold_bn: bool = True
+    functional_joins: bool = Field(
+        False, description="trace the model with torch.fx and quantize functional adds and concats "
+                           "(x + y, torch.cat) like join modules")
     calibration_batches: int = Field(8, ge=1, le=MAX_ROUNDS)
     calibration_batch_size: int = Field(2, ge=1, le=MAX_BATCH)
     quantizer: str | None = Field(

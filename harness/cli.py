@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from harness.compare import Tolerance, compare, nvidia_report
 from harness.errors import HarnessError
@@ -122,6 +123,67 @@ def _golden_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _case_context(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(CaseContext, localise module) for the sensitivity / autoquant commands."""
+    import os
+
+    import torch
+
+    from harness import localise
+    from harness.backends.registry import QUANT_REFERENCE, backend_with_role
+    from harness.cases import load_case
+    from harness.context import CaseContext, RunOptions
+
+    reference = backend_with_role(QUANT_REFERENCE)
+    if args.backend not in (None, reference):
+        raise localise.LocaliseError(f"--backend {args.backend}: layers are ranked on the quantization reference "
+                                     f"({reference}), whose calibrated model every int8 backend shares")
+    case = load_case(args.case, profile=args.profile)
+    cache = args.qharness_cache or os.environ.get("QHARNESS_CACHE") or str(case.root / ".qharness_cache")
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return CaseContext(case, RunOptions(device=device, cache_dir=Path(cache))), localise
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    ctx, localise = _case_context(args)
+    result = localise.case_sensitivity(ctx, top_k=args.top_k)
+    rows = [[s.name, _num(s.proxy_snr_db, 2), _num(s.only_int8), _num(s.lost), _num(s.only_float), _num(s.regained)]
+            for s in result.layers[: max(args.top_k, 10)]]
+    print(f"{ctx.case.name}: {result.metric} float {result.float_value:.4f}, int8 {result.int8_value:.4f}")
+    from tabulate import tabulate
+
+    print(tabulate(rows, headers=["layer", "SNR dB (only it int8)", "metric only it int8", "lost",
+                                  "metric only it float", "regained"], tablefmt="github", disable_numparse=True))
+    if args.json:
+        payload = {"case": ctx.case.name, "metric": result.metric, "float": result.float_value,
+                   "int8": result.int8_value, "layers": [s.to_dict() for s in result.layers]}
+        Path(args.json).write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    return 0
+
+
+def _autoquant(args: argparse.Namespace) -> int:
+    ctx, localise = _case_context(args)
+    found = localise.case_autoquant(ctx, localise.Target.parse(args.target), top_k=args.top_k)
+    print(f"{ctx.case.name}: target {found.target} {'met' if found.met else 'NOT met'}; float {found.float_value:.4f}, "
+          f"int8 before {found.before:.4f}, after {found.after:.4f}; int8 MACs {found.int8_macs_before:.1%} -> "
+          f"{found.int8_macs_after:.1%}")
+    print("quant:\n  keep_float: [" + ", ".join(found.keep_float) + "]")
+    return 0 if found.met else 1
+
+
+def _num(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _localise_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("case", help="case YAML file")
+    p.add_argument("--backend", default=None, help="the quantization reference (default; the only one accepted)")
+    p.add_argument("--profile", default="default")
+    p.add_argument("--top-k", type=int, default=5, help="layers (worst by SNR) whose metric is measured")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--qharness-cache", default=None, help="cache folder (default $QHARNESS_CACHE or .qharness_cache)")
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="qharness", description=__doc__)
@@ -182,6 +244,16 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--profile", default=None,
                    help="zoo profile to check against (cuda-fastbev, cuda-bevfusion-r50; default full)")
     v.set_defaults(func=_convert)
+
+    sn = sub.add_parser("sensitivity", help="rank layers by the metric lost when only they are int8")
+    _localise_args(sn)
+    sn.add_argument("--json", default=None, help="write the ranking as JSON here")
+    sn.set_defaults(func=_sensitivity)
+
+    aq = sub.add_parser("autoquant", help="the smallest keep_float list that meets a metric target")
+    _localise_args(aq)
+    aq.add_argument("--target", required=True, help="min_ratio=<ratio> or max_drop=<absolute drop>")
+    aq.set_defaults(func=_autoquant)
     return p
 
 

@@ -14,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[1] / "harness"
 # Top (1) to bottom (6); the zoo and datasets plug in between the context and the backends.
 LAYERS: tuple[tuple[float, str, tuple[str, ...]], ...] = (
     (1, "plugin / CLI / reports / training", ("harness.plugin", "harness.cli", "harness.__main__", "harness.report",
-                                              "harness.training", "harness.convert")),
+                                              "harness.training", "harness.convert", "harness.localise")),
     (2, "checks", ("harness.checks",)),
-    (3, "context", ("harness.context", "harness.evaluation", "harness.calibration")),
+    (3, "context", ("harness.context", "harness.evaluation", "harness.calibration",
+                                 "harness.layerwise")),
     (3.5, "zoo and datasets (plug-ins)", ("harness.zoo", "harness.datasets")),
     (4, "backends / metrics / tasks / case schema", ("harness.backends", "harness.metrics", "harness.tasks",
                                                      "harness.cases", "harness.gates")),

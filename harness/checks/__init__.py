@@ -8,6 +8,7 @@ from harness.checks.base import Check, ItemSpec
 from harness.checks.benchmark import BenchmarkCheck
 from harness.checks.fidelity import FidelityCheck
 from harness.checks.golden import GoldenCheck
+from harness.checks.layers import LayersCheck
 from harness.checks.metric import MetricCheck
 from harness.checks.rules import RulesCheck
 from harness.errors import HarnessError
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
     from harness.context import CaseContext
     from harness.records import Record
 
-CHECKS: tuple[Check, ...] = (GoldenCheck(), RulesCheck(), MetricCheck(), FidelityCheck(), BenchmarkCheck())
+CHECKS: tuple[Check, ...] = (GoldenCheck(), RulesCheck(), MetricCheck(), FidelityCheck(), LayersCheck(),
+                             BenchmarkCheck())
 """Every item kind, in the order of items within a case x backend and of report sections."""
 
 

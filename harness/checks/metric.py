@@ -65,7 +65,10 @@ class MetricCheck(Check):
             store_baseline(ctx, backend, values.values, float_result["values"])
         if not outcome.passed:
             record.verdict = "failed"
-            raise ItemFailure(outcome.failure_text(ctx.case.name), record)
+            text = outcome.failure_text(ctx.case.name)
+            if ctx.info(backend).quantized:
+                text += "\n" + _where_int8_loses(ctx, backend)
+            raise ItemFailure(text, record)
         return record
 
     def summary_cells(self, row: Sequence[Record], case: Sequence[Record]) -> dict[str, str]:
@@ -85,6 +88,21 @@ class MetricCheck(Check):
     def report_section(self, records: Sequence[Record], out_dir: Path) -> list[str]:
         """The per-class table (float and every backend) and the comparison pictures."""
         return _per_class_table(records) + _pictures(records, out_dir)
+
+
+def _where_int8_loses(ctx: CaseContext, backend: str) -> str:
+    """The worst five layers of the per-layer report (computed now, cached) and the command that
+    ranks layers by the metric."""
+    from harness.cases import DEFAULT_PROFILE
+    from harness.layerwise import worst_layers_text
+
+    try:
+        path = ctx.case.path.resolve().relative_to(ctx.case.root.resolve())
+    except ValueError:
+        path = ctx.case.path
+    profile = "" if ctx.case.profile == DEFAULT_PROFILE else f" --profile {ctx.case.profile}"
+    return (f"{worst_layers_text(ctx, 5)}\nrank layers by the metric: qharness sensitivity {path.as_posix()} "
+            f"--backend {backend}{profile}")
 
 
 def gated_keys(ctx: CaseContext) -> list[str]:

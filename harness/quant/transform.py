@@ -5,7 +5,8 @@ modified): BatchNorm2d layers that directly follow a Conv2d / ConvTranspose2d ar
 and replaced by Identity; every layer of a quantizable type (`harness.quant.registry`: torch's
 Conv2d, ConvTranspose2d, Linear, and what model libraries register, such as the zoo's add and
 concat modules) whose name is included, not excluded and not kept float is replaced by its
-quantized version; then the configured rules run. Quantizers start uncalibrated (see `harness.quant.calibrate`).
+quantized version; then the configured rules run. With `functional_joins` the model is first traced with torch.fx
+and its functional adds and concats become join modules (`harness.quant.functional`). Quantizers start uncalibrated (see `harness.quant.calibrate`).
 
 Name patterns are fnmatch patterns matched against module names (`backbone.layer1.0.conv1`);
 a pattern also matches every module below a matching module (`head` covers `head.cls.conv`).
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from harness.errors import QuantError
+from harness.quant.functional import JoinInsertion, insert_functional_joins
 from harness.quant.modules import (
     DEFAULT_INPUT_DESC,
     DEFAULT_WEIGHT_DESC,
@@ -57,6 +59,8 @@ class QuantConfig:
     keep_float: tuple[str, ...] = ()
     rules: tuple[Rule, ...] = ()
     fold_bn: bool = True
+    functional_joins: bool = False
+    """Trace the model with torch.fx and quantize functional adds / concats (`harness.quant.functional`)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_inputs: Batch 
     (matching channel count); rules that need tracing then raise `QuantError`.
     """
     model = copy.deepcopy(model)
+    insertion: JoinInsertion | None = None
+    if config.functional_joins:
+        model, insertion = insert_functional_joins(model)
     names = [n for n, _ in model.named_modules() if n]
     check_patterns(names, config)
     if config.fold_bn:
@@ -100,9 +107,22 @@ def quantize_model(model: nn.Module, config: QuantConfig, example_inputs: Batch 
     for index, rule in enumerate(config.rules):
         with _rule_errors(index):
             if rule.apply(model, graph) == 0:
-                raise QuantConfigError(f"rule '{rule.name}' matched nothing", "rules", index)
+                raise QuantConfigError(f"rule '{rule.name}' matched nothing{_why_nothing(rule, insertion)}",
+                                       "rules", index)
     name_quantizers(model)
     return model
+
+
+def _why_nothing(rule: Rule, insertion: JoinInsertion | None) -> str:
+    """Why a join-sharing rule found no join: functional joins off, or the modules fx could not trace."""
+    join = getattr(rule, "join", None)
+    if join not in ("add", "concat"):
+        return ""
+    if insertion is None:
+        op = "x + y" if join == "add" else "torch.cat"
+        return (f": no {join} join module in the model (a functional {op} gets a quantizer only with "
+                "functional_joins: true)")
+    return f": {insertion.why_none(join)}"
 
 
 @contextlib.contextmanager
