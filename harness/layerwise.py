@@ -69,11 +69,14 @@ def _feeds_digest(feeds: dict[str, dict[str, torch.Tensor]]) -> str:
     return digest.hexdigest()
 
 
-def _prefix_of(model: nn.Module, module: nn.Module) -> str:
-    for name, m in model.named_modules():
-        if m is module:
-            return f"{name}." if name else ""
-    raise HarnessError(f"stage module {type(module).__name__} is not part of the quantized model")
+def _model_names(model: nn.Module, stage: nn.Module) -> dict[str, str]:
+    """Names of the layers under a stage module (relative to it) -> their names in the whole
+    model; a stage may be a submodule or a wrapper holding the model (FastBEV's `pre`)."""
+    full = {id(m): n for n, m in model.named_modules()}
+    names = {rel: full[id(m)] for rel, m in stage.named_modules() if rel and id(m) in full}
+    if not names and id(stage) not in full:
+        raise HarnessError(f"stage module {type(stage).__name__} holds no layer of the quantized model")
+    return names
 
 
 def case_layers(ctx: CaseContext) -> dict[str, StageLayers]:
@@ -99,12 +102,12 @@ def _compute(ctx: CaseContext, feeds: dict[str, dict[str, torch.Tensor]]) -> dic
     spec = ctx.case.spec.quant
     out: dict[str, list[LayerError]] = {}
     for stage_name, stage in program.stages.items():
-        prefix = _prefix_of(model, stage.module)
+        names = _model_names(model, stage.module)
         batch = tuple(feeds[stage_name][n].to(ctx.options.device) for n in stage.inputs)
-        reasons = {n: float_reason(spec, f"{prefix}{n}", quantizable(m) is not None)
+        reasons = {n: float_reason(spec, names.get(n, n), quantizable(m) is not None)
                    for n, m in stage.module.named_modules() if n}
         errors = layer_errors(stage.module, [batch], float_reasons=reasons)
-        out[stage_name] = [LayerError.from_dict({**e.to_dict(), "name": f"{prefix}{e.name}"}) for e in errors]
+        out[stage_name] = [LayerError.from_dict({**e.to_dict(), "name": names.get(e.name, e.name)}) for e in errors]
     return out
 
 
@@ -129,12 +132,12 @@ def ort_float_layers(ctx: CaseContext) -> dict[str, str] | str:
         with tempfile.TemporaryDirectory() as tmp:
             for stage_name, path in paths.items():
                 stage = program.stages[stage_name]
-                prefix = _prefix_of(model, stage.module)
+                names = _model_names(model, stage.module)
                 report = int8_report(optimize_with_onnxruntime(path, Path(tmp) / f"{stage_name}.onnx"))
                 for node, op in report.float_convs:
                     name, module = resolve_module(stage.module, node)
                     if module is not None:
-                        found[f"{prefix}{name}"] = op
+                        found[names.get(name, name)] = op
     except (HarnessError, ImportError, OSError) as exc:
         return f"not checked: {exc}"
     return found

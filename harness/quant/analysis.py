@@ -113,8 +113,13 @@ def snr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
+    """The first tensor in a layer's output; a sparse tensor (spconv's SparseConvTensor) counts by
+    its `features`."""
     if isinstance(value, torch.Tensor):
         return value
+    features = getattr(value, "features", None)
+    if isinstance(features, torch.Tensor):
+        return features
     if isinstance(value, list | tuple):
         return next((t for v in value if (t := _first_tensor(v)) is not None), None)
     if isinstance(value, dict):
@@ -217,6 +222,13 @@ def layer_errors(
     layers = analysed_layers(model)
     modules = dict(layers)
     modes = [q.mode for q in all_q]
+    enabled_at_start = {id(q) for q, mode in zip(all_q, modes, strict=True) if mode is not QuantMode.DISABLED}
+
+    def runs_int8(module: nn.Module) -> bool:
+        """A quantized layer counts when one of its quantizers was enabled (the SCN quantizer
+        keeps layers float by disabling their quantizers)."""
+        return isinstance(module, QuantModule) and any(id(q) in enabled_at_start for q in layer_quantizers(module))
+
     reasons = dict(float_reasons or {})
     was_training = model.training
     model.eval()
@@ -232,7 +244,7 @@ def layer_errors(
             refs.append(reference.outputs)
         order = reference.first_call
         quantized = [n for n, m in sorted(layers, key=lambda nm: order.get(nm[0], len(order)))
-                     if isinstance(m, QuantModule) and n in order]
+                     if runs_int8(m) and n in order]
         measured: dict[str, tuple[float, float, float, float]] = {}
         names: Iterable[str] = progress(quantized) if progress else quantized
         for index, name in enumerate(names):
@@ -246,8 +258,8 @@ def layer_errors(
             q.set_mode(mode)
     out = []
     for name, module in layers:
-        is_q = isinstance(module, QuantModule)
-        qs = module.input_quantizers() if isinstance(module, QuantModule) else []
+        is_q = runs_int8(module)
+        qs = module.input_quantizers() if is_q and isinstance(module, QuantModule) else []
         found_wq = getattr(module, "weight_quantizer", None) if is_q else None
         wq = found_wq if isinstance(found_wq, TensorQuantizer) else None
         first = qs[0] if qs else None
@@ -274,9 +286,9 @@ def _measure(model: nn.Module, batches: Sequence[Batch], refs: Sequence[Mapping[
         for batch, ref in zip(batches, refs, strict=True):
             capture = _Capture({name: modules[name]})
             capture.record = {name}
-            capture.stop_after = (name, len(ref[name]))
+            capture.stop_after = (name, len(ref.get(name, [])))
             capture.run(model, batch)
-            for out, r in zip(capture.outputs.get(name, []), ref[name], strict=False):
+            for out, r in zip(capture.outputs.get(name, []), ref.get(name, []), strict=False):
                 acc.add(out, r)
     finally:
         for q in enabled:
