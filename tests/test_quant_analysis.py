@@ -129,3 +129,22 @@ def test_snr_is_scale_invariant_and_infinite_for_equal(scale: float, seed: int) 
     out = ref + 0.01 * torch.randn(50, generator=g, dtype=torch.float64)
     assert snr_db(ref, ref) == math.inf
     assert snr_db(out * scale, ref * scale) == pytest.approx(snr_db(out, ref), abs=1e-6)
+
+
+def test_layers_whose_quantizers_start_disabled_count_as_float() -> None:
+    """The SCN quantizer keeps a layer float by disabling its quantizers: the report must not
+    enable (uncalibrated) quantizers to measure it, and must call it float."""
+    from harness.quant.calibrate import calibrate
+    from harness.quant.tensor_quantizer import QuantMode, TensorQuantizer
+    from harness.quant.transform import QuantConfig, quantize_model
+
+    torch.manual_seed(0)
+    model = quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 1)), QuantConfig())
+    for q in model[0].modules():
+        if isinstance(q, TensorQuantizer):
+            q.set_mode(QuantMode.DISABLED)
+    x = torch.randn(2, 3, 8, 8)
+    calibrate(model, [x], progress=False)
+    errors = {e.name: e for e in layer_errors(model, [x])}
+    assert not errors["0"].quantized and errors["0"].alone_snr_db is None
+    assert errors["2"].quantized and errors["2"].alone_snr_db is not None
