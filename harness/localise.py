@@ -30,6 +30,7 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 
 from harness.cache import content_key
 from harness.checks.metric import gated_keys
+from harness.compare import CosineAccumulator
 from harness.errors import HarnessError
 from harness.quant.calibrate import quantizers
 from harness.quant.modules import QuantModule, quant_modules
@@ -273,26 +274,61 @@ def _case_model(ctx: CaseContext) -> nn.Module:
     return copy.deepcopy(ctx.quantized_model()).to(ctx.options.device).eval()
 
 
+OUTPUT_COSINE = "output_cosine"
+"""The figure cases without a metric are ranked by: the lowest cosine, over the program's outputs
+accumulated over the evaluation set, against the float model's outputs (1.0 for float itself)."""
+
+
 def case_evaluator(ctx: CaseContext) -> tuple[Evaluate, str, bool]:
-    """(evaluate, metric key, higher is better) for the case's first gated figure; every
-    evaluation is cached by the set of layers that are float at the time."""
+    """(evaluate, metric key, higher is better) for the case's first gated figure, or for
+    OUTPUT_COSINE when the case has no metric; every evaluation is cached by the set of layers
+    that are float at the time."""
     spec = ctx.case.spec.metric
     cls = ctx.metric_class
     if spec is None or cls is None:
-        raise LocaliseError(f"case {ctx.case.name} has no metric section: nothing to rank layers by")
-    key = gated_keys(ctx)[0]
-    higher = cls.figure(key).direction == "higher"
-    base = content_key("sensitivity", ctx.quant_key, spec.model_dump(), ctx.case.spec.data.model_dump(),
-                       ctx.case.spec.task_args, ctx.options.device.type)
+        key, higher = OUTPUT_COSINE, True
+        reference: list[dict[str, torch.Tensor]] = []
+        measure: Callable[[nn.Module], float] = lambda model: _output_cosine(ctx, model, reference)  # noqa: E731
+    else:
+        key = gated_keys(ctx)[0]
+        higher = cls.figure(key).direction == "higher"
+        measure = lambda model: _metric(ctx, model, key)  # noqa: E731
+    base = content_key("sensitivity", ctx.quant_key, spec.model_dump() if spec else None,
+                       ctx.case.spec.data.model_dump(), ctx.case.spec.task_args, ctx.options.device.type)
 
     def evaluate(model: nn.Module) -> float:
         floats = sorted(n for n, m in quant_modules(model) if _is_float_now(m))
         def compute() -> float:
-            return _metric(ctx, model, key)
-        value: float = ctx.cache.json_value(f"{ctx.case.name}/sensitivity", content_key(base, floats), compute)
+            return measure(model)
+        value: float = ctx.cache.json_value(f"{ctx.case.name}/sensitivity", content_key(base, key, floats), compute)
         return value
 
     return evaluate, key, higher
+
+
+def case_float_value(ctx: CaseContext, key: str) -> float:
+    """The float model's value of `key` (the cached float metric; 1.0 for OUTPUT_COSINE)."""
+    return 1.0 if key == OUTPUT_COSINE else float(ctx.float_metric()["values"][key])
+
+
+def _output_cosine(ctx: CaseContext, model: nn.Module, reference: list[dict[str, torch.Tensor]]) -> float:
+    """Lowest cosine over the outputs of `model` against the float model's on the evaluation set;
+    the float outputs are computed once into `reference`."""
+    device = ctx.options.device
+    if not reference:
+        float_program = ctx.program(ctx.float_model().to(device))
+        for batch in ctx.eval_batches():
+            with torch.inference_mode():
+                outputs = float_program.run_eager({k: v.to(device) for k, v in batch.inputs.items()})
+            reference.append({k: v.detach().cpu() for k, v in outputs.items()})
+    program = ctx.program(model)
+    sums: dict[str, CosineAccumulator] = {}
+    for batch, expected in zip(ctx.eval_batches(), reference, strict=True):
+        with torch.inference_mode():
+            outputs = program.run_eager({k: v.to(device) for k, v in batch.inputs.items()})
+        for name, tensor in outputs.items():
+            sums.setdefault(name, CosineAccumulator()).add(tensor.detach().cpu().numpy(), expected[name].numpy())
+    return min(acc.value for acc in sums.values())
 
 
 def _is_float_now(module: QuantModule) -> bool:
@@ -322,7 +358,7 @@ def case_sensitivity(ctx: CaseContext, top_k: int = 5, progress: bool = True) ->
     evaluate, key, higher = case_evaluator(ctx)
     proxy = {e.name: float(e.alone_snr_db) for s in case_layers(ctx).values() for e in s.errors
              if e.alone_snr_db is not None}
-    float_value = float(ctx.float_metric()["values"][key])
+    float_value = case_float_value(ctx, key)
     return sensitivity(_case_model(ctx), proxy, evaluate, float_value=float_value, higher_is_better=higher,
                        top_k=top_k, metric=key, progress=progress)
 

@@ -3,6 +3,8 @@ one layer autoquant keeps float; float_layers bypasses exactly one layer."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_quant_analysis import batches, chain, quantized
@@ -113,3 +115,24 @@ def test_cli_ranks_only_on_the_quantization_reference(capsys: pytest.CaptureFixt
 
     assert main(["sensitivity", "cases/pidnet_s.yaml", "--backend", "ort-int8"]) == 2
     assert "--backend ort-int8: layers are ranked on the quantization reference (fakequant-int8)" in capsys.readouterr().err
+
+
+def test_a_case_without_a_metric_is_ranked_by_output_cosine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tiny import CASE
+
+    from harness.cases import load_case
+    from harness.context import CaseContext, RunOptions
+    from harness.localise import OUTPUT_COSINE, case_autoquant, case_sensitivity
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "cases").mkdir()
+    (tmp_path / "cases/tiny.yaml").write_text(CASE)
+    ctx = CaseContext(load_case(tmp_path / "cases/tiny.yaml"), RunOptions(torch.device("cpu"), tmp_path / ".cache"))
+    result = case_sensitivity(ctx, top_k=2, progress=False)
+    assert result.metric == OUTPUT_COSINE and result.float_value == 1.0 and 0.9 < result.int8_value < 1.0
+    measured = [s for s in result.layers if s.only_float is not None]
+    assert len(measured) == 2 and all(s.only_float is not None and s.only_float >= result.int8_value - 1e-6
+                                      for s in measured)
+    found = case_autoquant(ctx, Target(min_ratio=0.99999), top_k=2, progress=False)
+    assert found.met and found.after >= 0.99999 and found.keep_float
