@@ -454,16 +454,8 @@ class CaseContext:
             inputs.update(rec.inputs)
             outputs.update(rec.outputs)
         meta = {
-            "case": self.case.name,
-            "profile": self.case.profile,
-            "config_hash": self.case.config_hash(),
-            "checkpoint": self.case.spec.model.checkpoint,
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "versions": library_versions(),
-            "created_by": regenerate_command(self.case),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "stages": {n: {"inputs": list(r.inputs), "outputs": list(r.outputs)} for n, r in reference.items()},
-            **self.model_identity(),
+            **self._golden_meta(regenerate_command(self.case),
+                                {n: (list(r.inputs), list(r.outputs)) for n, r in reference.items()}),
             "provenance": "generated",
             "reference": self.float_reference if self.is_onnx else backend_with_role(FLOAT_REFERENCE),
         }
@@ -489,22 +481,30 @@ class CaseContext:
                 for name in names:
                     tensors[kind][name] = _imported_tensor(Path(folder), name, kind[:-1], stage.name)
         meta = {
-            "case": self.case.name,
-            "profile": self.case.profile,
-            "config_hash": self.case.config_hash(),
-            "checkpoint": self.case.spec.model.checkpoint,
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "versions": library_versions(),
-            "created_by": import_command(self.case),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "stages": {s.name: {"inputs": list(s.inputs), "outputs": list(s.outputs)} for s in program.stages.values()},
-            **self.model_identity(),
+            **self._golden_meta(import_command(self.case),
+                                {s.name: (list(s.inputs), list(s.outputs)) for s in program.stages.values()}),
             "provenance": "imported",
             "imported_from": {"inputs": str(inputs_dir), "outputs": str(outputs_dir)},
         }
         self.golden.write(tensors, meta, allow_nonfinite=self.case.spec.golden.allow_nonfinite,
                           overwrite_other_case=self.options.overwrite_golden)
         return self.golden.meta()
+
+    def _golden_meta(self, command: str, stages: Mapping[str, tuple[list[str], list[str]]]) -> dict[str, Any]:
+        """meta.json fields every golden set carries: what made it (case, config, checkpoint,
+        model identity, versions, command, time) and the stages' input and output names."""
+        return {
+            "case": self.case.name,
+            "profile": self.case.profile,
+            "config_hash": self.case.config_hash(),
+            "checkpoint": self.case.spec.model.checkpoint,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "versions": library_versions(),
+            "created_by": command,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "stages": {n: {"inputs": i, "outputs": o} for n, (i, o) in stages.items()},
+            **self.model_identity(),
+        }
 
     def stage_feeds(self) -> dict[str, dict[str, torch.Tensor]]:
         """Example feeds per stage for exports: golden inputs when present, else the reference."""
