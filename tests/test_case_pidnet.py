@@ -47,11 +47,11 @@ def test_pidnet_case_end_to_end(pytester: pytest.Pytester, monkeypatch: pytest.M
     monkeypatch.setenv("QHARNESS_CACHE", str(pytester.path / ".cache"))
     args = ["cases/", "--profile", "tiny", "--backend", "torch-fp32,fakequant-int8,ort-fp32,ort-int8"]
     first = pytester.runpytest(*args, "--update-golden", "-p", "no:randomly")
-    first.assert_outcomes(passed=14)  # golden, rules, metric, fidelity, benchmark items
+    first.assert_outcomes(passed=15)  # golden, rules, layers, metric, fidelity, benchmark items
     meta = json.loads((pytester.path / "golden/pidnet-s/profile-tiny/meta.json").read_text())
     assert set(meta["baselines"]) == {"torch-fp32", "fakequant-int8", "ort-fp32", "ort-int8"}
     second = pytester.runpytest(*args, "--report-dir", "reports")
-    second.assert_outcomes(passed=14)  # golden, rules, metric, fidelity, benchmark items
+    second.assert_outcomes(passed=15)  # golden, rules, layers, metric, fidelity, benchmark items
     second.stdout.fnmatch_lines(["*pidnet-s*ort-int8*passed*miou=*"])
     report = (pytester.path / "reports" / "report.md").read_text()
     assert "IoU per class" in report and "ort-int8-sample0.png" in report
