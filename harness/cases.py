@@ -44,6 +44,17 @@ PATH_ARG_NAMES = ("root", "dataroot")
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
+def _resolvable(spec: str | None) -> str | None:
+    """`spec` when it names an importable callable (or is None); ValueError with the reason, which
+    pydantic reports at the key."""
+    if spec is not None:
+        try:
+            resolve(spec)
+        except FactoryError as exc:
+            raise ValueError(str(exc)) from None
+    return spec
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -57,10 +68,7 @@ class FactorySpec(_Strict):
     @field_validator("factory")
     @classmethod
     def _factory_resolves(cls, value: str) -> str:
-        try:
-            resolve(value)
-        except FactoryError as exc:
-            raise ValueError(str(exc)) from None
+        _resolvable(value)
         return value
 
 
@@ -77,12 +85,7 @@ class ModelSpec(_Strict):
     @field_validator("factory")
     @classmethod
     def _factory_resolves(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                resolve(value)
-            except FactoryError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+        return _resolvable(value)
 
     @model_validator(mode="after")
     def _factory_or_onnx(self) -> ModelSpec:
@@ -254,12 +257,7 @@ class QuantSpec(_Strict):
     @field_validator("quantizer")
     @classmethod
     def _quantizer_resolves(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                resolve(value)
-            except FactoryError as exc:
-                raise ValueError(str(exc)) from None
-        return value
+        return _resolvable(value)
 
 
 class MetricSpec(_Strict):

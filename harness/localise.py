@@ -32,9 +32,8 @@ from harness.cache import content_key
 from harness.checks.metric import gated_keys
 from harness.compare import CosineAccumulator
 from harness.errors import HarnessError
-from harness.quant.calibrate import quantizers
 from harness.quant.modules import QuantModule, quant_modules
-from harness.quant.rules import Batch, call_model
+from harness.quant.rules import Batch, call_model, quantizers_disabled
 from harness.quant.tensor_quantizer import QuantMode, TensorQuantizer
 
 if TYPE_CHECKING:
@@ -215,18 +214,12 @@ def conv_macs(model: nn.Module, batch: Batch) -> dict[str, int]:
     for name, module in model.named_modules():
         if name and isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d | nn.Linear):
             handles.append(module.register_forward_hook(hook(name)))
-    qs = [q for _, q in quantizers(model)]
-    modes = [q.mode for q in qs]
     try:
-        for q in qs:
-            q.set_mode(QuantMode.DISABLED)
-        with torch.no_grad():
+        with quantizers_disabled(model), torch.no_grad():
             call_model(model, batch)
     finally:
         for h in handles:
             h.remove()
-        for q, mode in zip(qs, modes, strict=True):
-            q.set_mode(mode)
     return macs
 
 

@@ -28,7 +28,8 @@ which is why models write joins through registered join modules (`harness.zoo.op
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -134,19 +135,28 @@ def trace_modules(model: nn.Module, example_inputs: Batch, select: Callable[[nn.
     for name, module in model.named_modules():
         if name and select(module):
             handles.append(module.register_forward_hook(hook(name)))
+    try:
+        with quantizers_disabled(model), torch.no_grad():
+            call_model(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return graph
+
+
+@contextlib.contextmanager
+def quantizers_disabled(model: nn.Module) -> Iterator[None]:
+    """Every quantizer of `model` disabled for the body (a float pass through a quantizable
+    model), each restored to its mode afterwards, also on error."""
     quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
     modes = [q.mode for q in quantizers]
     try:
         for q in quantizers:
             q.set_mode(QuantMode.DISABLED)
-        with torch.no_grad():
-            call_model(model, example_inputs)
+        yield
     finally:
-        for h in handles:
-            h.remove()
         for q, mode in zip(quantizers, modes, strict=True):
             q.set_mode(mode)
-    return graph
 
 
 class Rule(Protocol):
