@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
-from harness.cases import QuantSpec
+from harness.cases import DEFAULT_PROFILE, QuantSpec
 from harness.errors import QuantError
 from harness.factory import resolve
 from harness.quant.calibrate import calibrate, load_calibration_state
+from harness.quant.qat import load_qat_state, read_qat_checkpoint
 from harness.quant.rules import Batch, ModelCall, QuantConfigError, get_rule
 from harness.quant.tensor_quantizer import QuantDescriptor
 from harness.quant.transform import QuantConfig, quantize_model
@@ -88,17 +89,11 @@ def calibration_calls(run: CaseContext) -> list[ModelCall]:
     return [program_call(run, batch) for batch in itertools.islice(inputs, spec.calibration_batches)]
 
 
-def calibrated_model(run: CaseContext) -> nn.Module:
-    """The case's model quantized per its quant section (by its `quantizer`) and calibrated
-    (amax cached on disk).
-
-    Raises CaseError naming the quant key and entry (`quant.keep_float.1`, `quant.rules.0`) for
-    unknown rules, patterns or rules that match nothing and rules that conflict with keep_float
-    (the library's QuantConfigError carries the setting and the list index), and the library's
-    QuantError naming quantizers for calibration problems.
-    """
+def quantizable_model(run: CaseContext, calls: list[ModelCall]) -> nn.Module:
+    """A fresh uncalibrated quantized copy of the case's float model, made by the case's
+    quantizer with its quant settings (`calls[0]` as example inputs). CaseError naming the quant
+    key and entry for bad settings and an empty calibration split."""
     spec = run.case.spec.quant
-    calls = calibration_calls(run)
     if not calls:
         raise run.case.error("the calibration split gives no batches", "data", "calibration")
     try:
@@ -110,6 +105,72 @@ def calibrated_model(run: CaseContext) -> nn.Module:
         raise run.case.error(str(exc), "quant") from exc
     if not isinstance(model, nn.Module):
         raise run.case.error(f"{spec.quantizer} returned {type(model).__name__}, not an nn.Module", "quant", "quantizer")
+    return model
+
+
+def trained_qat_model(run: CaseContext) -> nn.Module:
+    """The case's quantized model with the weights and amax of its QAT checkpoint
+    (`quant.qat.checkpoint`), in eval mode.
+
+    The checkpoint must say it was trained from this case's float model, quantization settings,
+    calibration data and QAT recipe (`CaseContext.qat_origin`); CaseError naming
+    `quant.qat.checkpoint` and each differing part otherwise, and for a missing, unreadable or
+    ill-fitting file, with the command that trains a new one.
+    """
+    path = run.case.qat_checkpoint
+    key = ("quant", "qat", "checkpoint")
+    retrain = f"train a new one with `qharness train {run.case.display_path} --qat{profile_flag(run)}`"
+    if path is None:
+        raise run.case.error(f"the case has no QAT checkpoint; {retrain}", *key)
+    if not path.is_file():
+        raise run.case.error(f"QAT checkpoint {path} does not exist; {retrain}", *key)
+    try:
+        state, origin = read_qat_checkpoint(path)
+    except QuantError as exc:
+        raise run.case.error(str(exc), *key) from exc
+    expected = run.qat_origin
+    changed = [part for part in expected if part != "case" and origin.get(part) != expected[part]]
+    if changed:
+        parts = " / ".join(p.replace("_", " ") for p in changed)
+        raise run.case.error(f"QAT checkpoint {path} is stale: it was trained with a different {parts} than "
+                             f"the case has now; {retrain}", *key)
+    model = quantizable_model(run, calibration_calls(run)[:1])
+    try:
+        return load_qat_state(model, state, source=str(path))
+    except QuantError as exc:
+        raise run.case.error(str(exc), *key) from exc
+
+
+NOT_RECIPE = ("num_workers", "time_limit_s", "checkpoint_every", "val_every", "log_every", "stop_after", "cache",
+              "device_cache_gb", "progress_bar")
+"""Trainer arguments that change how a run proceeds, not what it trains."""
+
+
+def qat_recipe(run: CaseContext, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The QAT recipe that decides the trained weights: `training:` then `quant.qat.training`
+    (then `overrides`), without the arguments in NOT_RECIPE, with `learn_amax`."""
+    qat = run.case.spec.quant.qat
+    assert qat is not None
+    merged = {**run.case.spec.training, **qat.training, **(overrides or {})}
+    return {**{k: v for k, v in merged.items() if k not in NOT_RECIPE}, "learn_amax": qat.learn_amax}
+
+
+def profile_flag(run: CaseContext) -> str:
+    """` --profile NAME` for a case loaded with a profile other than the default, else ``."""
+    return "" if run.case.profile == DEFAULT_PROFILE else f" --profile {run.case.profile}"
+
+
+def calibrated_model(run: CaseContext) -> nn.Module:
+    """The case's model quantized per its quant section (by its `quantizer`) and calibrated
+    (amax cached on disk).
+
+    Raises CaseError naming the quant key and entry (`quant.keep_float.1`, `quant.rules.0`) for
+    unknown rules, patterns or rules that match nothing and rules that conflict with keep_float
+    (the library's QuantConfigError carries the setting and the list index), and the library's
+    QuantError naming quantizers for calibration problems.
+    """
+    calls = calibration_calls(run)
+    model = quantizable_model(run, calls)
 
     def build(folder: Path) -> None:
         state = calibrate(model, calls, num_batches=len(calls), desc=f"calibrate {run.case.name}")

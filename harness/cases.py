@@ -20,7 +20,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from harness.backends.registry import QUANT_REFERENCE, backend_with_role, known_backends
+from harness.backends.registry import (
+    QAT_REFERENCE,
+    QUANT_REFERENCE,
+    backend_info,
+    backend_with_role,
+    known_backends,
+)
 from harness.compare import Tolerance
 from harness.errors import CaseError
 from harness.factory import FactoryError, resolve
@@ -234,8 +240,27 @@ class WeightQuantSpec(_Strict):
     calibrator: Literal["max"] = "max"
 
 
+class QatSpec(_Strict):
+    """Quantization-aware training: the trained checkpoint, whether the int8 kernels run it, and
+    the fine-tuning recipe of `qharness train CASE --qat` (docs/qat.md)."""
+
+    checkpoint: str | None = Field(
+        None, description="QAT checkpoint written by `qharness train CASE --qat` (runs as backend qat-int8)")
+    deploy: bool = Field(
+        False, description="ort-int8 / trt-int8 run the QAT model's Q/DQ export instead of the PTQ one")
+    learn_amax: bool = Field(False, description="train the quantizers' amax too (LSQ gradient); default: fixed")
+    training: dict[str, Any] = Field(
+        default_factory=dict, description="trainer keyword arguments over the case's `training:` section")
+
+    @model_validator(mode="after")
+    def _deploy_needs_checkpoint(self) -> QatSpec:
+        if self.deploy and self.checkpoint is None:
+            raise ValueError("deploy: true needs a checkpoint (train one with `qharness train CASE --qat`)")
+        return self
+
+
 class QuantSpec(_Strict):
-    """Post-training quantization settings."""
+    """Post-training quantization settings (and quantization-aware training under `qat`)."""
 
     activations: ActivationQuantSpec = Field(default_factory=ActivationQuantSpec)
     weights: WeightQuantSpec = Field(default_factory=WeightQuantSpec)
@@ -249,6 +274,7 @@ class QuantSpec(_Strict):
                            "(x + y, torch.cat) like join modules")
     calibration_batches: int = Field(8, ge=1, le=MAX_ROUNDS)
     calibration_batch_size: int = Field(2, ge=1, le=MAX_BATCH)
+    qat: QatSpec | None = None
     quantizer: str | None = Field(
         None, description='"module:callable" called like harness.quant.transform:quantize_model(model, config, '
                           "example_inputs=...) to make the quantizable model (default: that dense quantizer; "
@@ -313,7 +339,31 @@ class CaseSpec(_Strict):
                 raise ValueError(f"backends.{name}.high_precision: only trt-int8 takes high_precision")
             if spec.fidelity is not None and spec.fidelity.reference not in known_backends():
                 raise ValueError(f"backends.{name}.fidelity.reference: unknown backend '{spec.fidelity.reference}'")
-        return self
+        return self._check_qat()
+
+    def _check_qat(self) -> CaseSpec:
+        """The QAT backend needs a QAT checkpoint; int8 kernels running the QAT export
+        (`quant.qat.deploy`) compare with the QAT model (the default reference then), never with
+        the PTQ one, and int8 kernels running the PTQ export never with the QAT model."""
+        qat_backend, ptq_backend = backend_with_role(QAT_REFERENCE), backend_with_role(QUANT_REFERENCE)
+        qat = self.quant.qat
+        if qat_backend in self.backends and (qat is None or qat.checkpoint is None):
+            raise ValueError(f"backends.{qat_backend}: runs the quantization-aware-trained model; set "
+                             "quant.qat.checkpoint (train one with `qharness train CASE --qat`)")
+        deploy = qat is not None and qat.deploy
+        deployed, other = (qat_backend, ptq_backend) if deploy else (ptq_backend, qat_backend)
+        backends = dict(self.backends)
+        for name, spec in self.backends.items():
+            if spec.fidelity is None or not backend_info(name).integer_kernels:
+                continue
+            if deploy and "reference" not in spec.fidelity.model_fields_set:
+                fidelity = spec.fidelity.model_copy(update={"reference": qat_backend})
+                backends[name] = spec.model_copy(update={"fidelity": fidelity})
+            elif spec.fidelity.reference == other:
+                runs = "the QAT model's export (quant.qat.deploy)" if deploy else "the PTQ export"
+                raise ValueError(f"backends.{name}.fidelity.reference: {name} runs {runs}; compare it with "
+                                 f"{deployed}, not {other}")
+        return self if backends == self.backends else self.model_copy(update={"backends": backends})
 
     @field_validator("backends")
     @classmethod
@@ -361,6 +411,22 @@ class Case:
         return None if ckpt is None else self.resolve_path(ckpt, "model", "checkpoint")
 
     @property
+    def display_path(self) -> Path:
+        """The case file relative to the project root (as written in commands shown to users),
+        or as given when it lies outside."""
+        try:
+            return self.path.resolve().relative_to(self.root.resolve())
+        except ValueError:
+            return self.path
+
+    @property
+    def qat_checkpoint(self) -> Path | None:
+        """Absolute path of the QAT checkpoint (`quant.qat.checkpoint`), or None."""
+        qat = self.spec.quant.qat
+        return None if qat is None or qat.checkpoint is None else self.resolve_path(qat.checkpoint, "quant", "qat",
+                                                                                   "checkpoint")
+
+    @property
     def onnx(self) -> Path | None:
         """Absolute path of the case's ONNX model (`model.onnx`), or None for a factory model."""
         onnx = self.spec.model.onnx
@@ -389,6 +455,7 @@ class Case:
             self.resolve_path(s.model.checkpoint, "model", "checkpoint")
         if s.model.onnx is not None:
             self.resolve_path(s.model.onnx, "model", "onnx")
+        _ = self.qat_checkpoint
         sources = [(("model", "args"), s.model.args), (("data", "args"), s.data.args),
                    (("data", "calibration", "args"), s.data.calibration.args),
                    (("data", "train", "args"), s.data.train.args)]
@@ -595,12 +662,19 @@ def _record_lines(path: Path, node: yaml.Node, prefix: tuple[str, ...], lines: d
 _TYPE_TAG = re.compile(r"^(str|int|float|bool|none|dict\[.*\]|list\[.*\]|[A-Z]\w*Spec|function-.*)$")
 
 
+_KEYED_MESSAGE = re.compile(r"^([A-Za-z_][\w-]*(?:\.[\w-]+)+): (.*)$", re.S)
+
+
 def _case_error(path: Path, exc: ValidationError, lines: dict[tuple[str, ...], int]) -> CaseError:
     found: list[tuple[int | None, str, str]] = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"] if not _TYPE_TAG.match(str(p)))
         line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
         msg = err["msg"].removeprefix("Value error, ")
+        named = _KEYED_MESSAGE.match(msg) if not loc else None
+        if named and named.group(1).split(".")[0] in CaseSpec.model_fields:  # a whole-case check naming its key
+            loc, msg = tuple(named.group(1).split(".")), named.group(2)
+            line = next((lines[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in lines), None)
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif err["type"] == "missing":

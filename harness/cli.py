@@ -96,8 +96,8 @@ def _record_training(args: argparse.Namespace) -> int:
     from harness.training.record import record_training
 
     case = load_case(args.case, profile=args.profile)
-    path = record_training(case, Path(args.summary))
-    print(f"recorded training of {case.name} in {path}")
+    path = record_training(case, Path(args.summary), qat=args.qat)
+    print(f"recorded {'QAT ' if args.qat else ''}training of {case.name} in {path}")
     return 0
 
 
@@ -217,12 +217,16 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--workers", type=int, default=None)
     t.add_argument("--time-limit-s", type=float, default=None, help="stop (resumably) after this wall time")
+    t.add_argument("--qat", action="store_true",
+                   help="quantization-aware training of the calibrated model (recipe: training + quant.qat.training)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     t.set_defaults(func=_train)
 
     r = sub.add_parser("record-training", help="record a training summary.json in the case's golden meta.json")
     r.add_argument("case", help="case YAML file")
     r.add_argument("summary", help="summary.json written by `qharness train`")
     r.add_argument("--profile", default="default")
+    r.add_argument("--qat", action="store_true", help="the summary of `qharness train --qat` (for quant.qat.checkpoint)")
     r.set_defaults(func=_record_training)
 
     g = sub.add_parser("golden", help="golden files made elsewhere").add_subparsers(dest="golden", required=True)

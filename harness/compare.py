@@ -283,9 +283,10 @@ def snr_db(actual: np.ndarray, reference: np.ndarray) -> float:
     signal = float(np.sum(r**2))
     if noise == 0.0:
         return math.inf
-    if signal == 0.0:
+    ratio = signal / noise
+    if ratio == 0.0:  # no signal, or one so small that the ratio underflows (1e-319 / 360**2)
         return -math.inf
-    return 10.0 * math.log10(signal / noise)
+    return 10.0 * math.log10(ratio)
 
 
 def _summary(x: np.ndarray) -> dict[str, float]:

@@ -100,21 +100,13 @@ class StageRecord:
 
 def regenerate_command(case: Case) -> str:
     """The pytest command that regenerates this case's golden files."""
-    try:
-        rel = case.path.resolve().relative_to(case.root.resolve())
-    except ValueError:
-        rel = case.path
     profile = "" if case.profile == DEFAULT_PROFILE else f" --profile {case.profile}"
-    return f"pytest {rel} --update-golden{profile}"
+    return f"pytest {case.display_path} --update-golden{profile}"
 
 
 def import_command(case: Case) -> str:
     """The qharness command that imports golden files made elsewhere for this case."""
-    try:
-        rel = case.path.resolve().relative_to(case.root.resolve())
-    except ValueError:
-        rel = case.path
-    return f"qharness golden import --case {rel} --inputs DIR --outputs DIR"
+    return f"qharness golden import --case {case.display_path} --inputs DIR --outputs DIR"
 
 
 def factory_failure(factory: str, exc: BaseException) -> str:
@@ -256,7 +248,7 @@ class CaseContext:
                                   "inputs and outputs; remove `stages:`", "stages")
         if self.is_onnx:
             quant = self.case.spec.quant
-            for key, value in (("rules", quant.rules), ("quantizer", quant.quantizer)):
+            for key, value in (("rules", quant.rules), ("quantizer", quant.quantizer), ("qat", quant.qat)):
                 if value:
                     raise self.case.error(f"quant.{key} applies to PyTorch models; an ONNX file is quantized by "
                                           "ONNX Runtime's static quantization", "quant", key)
@@ -535,7 +527,9 @@ class CaseContext:
             case=self.case, cache=self.cache, device=self.options.device, program=self.program,
             float_model=self.float_model, quantized_model=self.quantized_model,
             stage_feeds=self.stage_feeds, model_key=self.model_key, quant_key=lambda: self.quant_key,
-            float_onnx=self.float_onnx, qdq_onnx=self.qdq_onnx,
+            float_onnx=self.float_onnx, qdq_onnx=self.qdq_onnx, qat_model=self.qat_model,
+            deployed_model=self.deployed_model, deployed_key=lambda: self.deployed_key,
+            deployed_source=self.deployed_source,
         )
 
     def float_onnx(self) -> dict[str, Path]:
@@ -548,15 +542,16 @@ class CaseContext:
 
     def qdq_onnx(self, layout: Literal["tensorrt", "onnxruntime"],
                  weight_codes: Literal["int8", "uint8"] = "int8") -> dict[str, Path]:
-        """The Q/DQ ONNX of every stage of the calibrated model in `layout` (cached); for an ONNX
+        """The Q/DQ ONNX of every stage of the deployed int8 model (`deployed_model`: the calibrated
+        one, or the QAT one under `quant.qat.deploy`) in `layout` (cached); for an ONNX
         case, ONNX Runtime's static quantization of its file (`harness.export.ort_quant`)."""
         if self.case.onnx is not None:
             return {SINGLE_STAGE: ort_qdq_onnx(self.cache, self.case.name, self.quant_key, self.case.onnx,
                                                self._onnx_calibration_feeds, layout, weight_codes,
                                                *self._ort_calibration_method(),
                                                keep_float=tuple(self.case.spec.quant.keep_float))}
-        return artifacts.qdq_onnx(self.cache, self.case.name, self.quant_key,
-                                  lambda: self.program(self.quantized_model()), self.stage_feeds(), layout,
+        return artifacts.qdq_onnx(self.cache, self.case.name, self.deployed_key,
+                                  lambda: self.program(self.deployed_model()), self.stage_feeds(), layout,
                                   weight_codes)
 
     def _onnx_calibration_feeds(self) -> Iterator[dict[str, np.ndarray]]:
@@ -598,11 +593,11 @@ class CaseContext:
     def quant_key(self) -> str:
         """Identity of the calibrated model: float model, quant settings, calibration data."""
         data = self.case.spec.data
-        return content_key(self.model_key, self.case.spec.quant.model_dump(), data.factory,
+        return content_key(self.model_key, self.case.spec.quant.model_dump(exclude={"qat"}), data.factory,
                            {**data.args, **data.calibration.args}, library_versions())
 
     def quantized_model(self) -> nn.Module:
-        """The calibrated fake-quant model shared by every int8 backend of this run."""
+        """The calibrated (PTQ) fake-quant model shared by the int8 backends of this run."""
         return self._quantized
 
     @functools.cached_property
@@ -610,6 +605,62 @@ class CaseContext:
         from harness.calibration import calibrated_model
 
         return calibrated_model(self)
+
+    @functools.cached_property
+    def qat_origin(self) -> dict[str, str]:
+        """What a QAT checkpoint of this case must have been trained from, part by part: the float
+        model (case model section, checkpoint, fingerprint), the quantization settings, the
+        calibration data and the QAT recipe (`harness.calibration.qat_recipe`)."""
+        from harness.calibration import qat_recipe
+
+        spec, data = self.case.spec, self.case.spec.data
+        qat = spec.quant.qat
+        return {
+            "case": spec.name,
+            "float_model": content_key(spec.model.model_dump(exclude={"checkpoint"}), self.checkpoint_sha256,
+                                       self.fingerprint.digest()),
+            "quant_settings": content_key(spec.quant.model_dump(exclude={"qat"})),
+            "calibration_data": content_key(data.factory, {**data.args, **data.calibration.args}),
+            "qat_recipe": content_key(qat_recipe(self)) if qat else "",
+        }
+
+    @functools.cached_property
+    def qat_key(self) -> str:
+        """Identity of the QAT model: the calibrated model's key and the QAT checkpoint's sha256."""
+        path = self.case.qat_checkpoint
+        assert path is not None
+        return content_key("qat", self.quant_key, file_sha256(path) if path.is_file() else None)
+
+    def qat_model(self) -> nn.Module:
+        """The quantization-aware-trained fake-quant model (`quant.qat.checkpoint`), shared."""
+        return self._qat
+
+    @functools.cached_property
+    def _qat(self) -> nn.Module:
+        from harness.calibration import trained_qat_model
+
+        return trained_qat_model(self)
+
+    @property
+    def deploys_qat(self) -> bool:
+        """True when the int8 kernels run the QAT model (`quant.qat.deploy`)."""
+        qat = self.case.spec.quant.qat
+        return qat is not None and qat.deploy
+
+    def deployed_model(self) -> nn.Module:
+        """The int8 model the integer-kernel backends export: QAT under `quant.qat.deploy`, else PTQ."""
+        return self.qat_model() if self.deploys_qat else self.quantized_model()
+
+    @property
+    def deployed_key(self) -> str:
+        """Identity of `deployed_model()`."""
+        return self.qat_key if self.deploys_qat else self.quant_key
+
+    def deployed_source(self) -> str:
+        """Which model the integer-kernel backends run, for reports."""
+        if self.deploys_qat:
+            return f"QAT ({self.case.spec.quant.qat.checkpoint})"  # type: ignore[union-attr]
+        return "PTQ (calibrated)"
 
 
     # -- what checks share ---------------------------------------------------------------------

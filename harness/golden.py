@@ -52,7 +52,7 @@ FORMAT = 1
 META = "meta.json"
 KINDS = ("inputs", "outputs")
 #: meta.json entries that survive regeneration of the tensors (written by their own commands)
-KEPT_KEYS = ("float_metric", "baselines", "training")
+KEPT_KEYS = ("float_metric", "baselines", "training", "qat_training")
 #: of those, the ones that describe results of one model and data config (dropped when it changes)
 RESULT_KEYS = ("float_metric", "baselines")
 IDENTITY_KEYS = ("config_hash", "checkpoint_sha256")

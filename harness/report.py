@@ -1,7 +1,8 @@
 """Result records -> the terminal summary table, report.md and report.json.
 
 report.json (schema documented in docs/report-schema.md) is the CI artefact:
-    {"schema_version": 1, "generated_at": ..., "environment": {...}, "records": [Record, ...]}
+    {"schema_version": 2, "generated_at": ..., "environment": {...}, "records": [Record, ...],
+     "cases": {case: {"stages": [...]}}}
 Every record carries at least case, backend, item and verdict (passed / failed / skipped with
 the reason); golden records their compare statistics per output; metric records metric, value,
 float_value, ratio; benchmark records timing.
@@ -78,11 +79,30 @@ def write_reports(records: Sequence[Record], out_dir: Path) -> list[Path]:
         "environment": environment(),
         "records": [_json_safe(r.to_dict()) for r in records],
     }
+    cases = case_data(records)
+    if cases:
+        data["cases"] = _json_safe(cases)
     json_path, md_path = out_dir / "report.json", out_dir / "report.md"
     write_json_atomic(json_path, data)
     chart = latency_chart(records, out_dir / "latency.png")
     write_text_atomic(md_path, markdown(records, out_dir, chart))
     return [md_path, json_path, *([chart] if chart else [])]
+
+
+def case_data(records: Sequence[Record]) -> dict[str, dict[str, Any]]:
+    """report.json's `cases`: per case, what the checks report about the case as a whole (the
+    metric check's stage table under `stages`); cases with nothing are left out."""
+    by_case: dict[str, list[Record]] = defaultdict(list)
+    for r in records:
+        by_case[r.case].append(r)
+    out = {}
+    for case, rs in by_case.items():
+        merged: dict[str, Any] = {}
+        for check in checks.CHECKS:
+            merged.update(check.report_data(rs))
+        if merged:
+            out[case] = merged
+    return out
 
 
 def latency_chart(records: Sequence[Record], path: Path) -> Path | None:

@@ -151,7 +151,7 @@ metric: {name: miou, float_min: 0.5}
 benchmark: {warmup: 1, rounds: 5, batch_size: 1}
 backends:
   torch-fp32: {compare: {atol: 1.0e-5, rtol: 1.0e-4}}
-  ort-int8: {compare: {cosine_min: 0.99}, metric: {min_ratio: 0.99}}
+  ort-int8: {compare: {cosine_min: 0.99}, metric: {min_ratio: 0.99}, fidelity: {reference: fakequant-int8}}
 """
 
 FP32 = "{compare: {atol: 1.0e-5, rtol: 1.0e-4}}"
@@ -210,6 +210,17 @@ CASE_CORPUS: list[tuple[str, str, str, str, str]] = [
      "model.args.weights_path", "outside the project root"),
     ("data-dir-arg", "args: {size: 2}", "args: {size: 2, cache_dir: /etc}", "data.args.cache_dir",
      "outside the project root"),
+    ("qat-backend-without-checkpoint", "  torch-fp32: {compare", "  qat-int8: {compare: {cosine_min: 0.9}}\n"
+     "  torch-fp32: {compare", "backends.qat-int8", "set quant.qat.checkpoint"),
+    ("qat-deploy-without-checkpoint", "  calibration_batches: 2\n", "  calibration_batches: 2\n  qat: {deploy: true}\n",
+     "quant.qat", "deploy: true needs a checkpoint"),
+    ("qat-checkpoint-dotdot", "  calibration_batches: 2\n", "  calibration_batches: 2\n  qat: {checkpoint: ../q.pt}\n",
+     "quant.qat.checkpoint", "outside the project root"),
+    ("qat-unknown-key", "  calibration_batches: 2\n", "  calibration_batches: 2\n  qat: {checkpoint: q.pt, lr: 1}\n",
+     "quant.qat.lr", "unknown key"),
+    ("int8-kernels-on-qat-export-vs-ptq", "  calibration_batch_size: 2\n",
+     "  calibration_batch_size: 2\n  qat: {checkpoint: q.pt, deploy: true}\n", "backends.ort-int8.fidelity.reference",
+     "compare it with qat-int8, not fakequant-int8"),
 ]
 
 

@@ -289,6 +289,12 @@ def test_snr_boundary() -> None:
     assert not compare(a, r, Tolerance(snr_min_db=float(np.nextafter(s, 100)))).passed
 
 
+def test_snr_of_a_vanishing_signal_is_minus_inf() -> None:
+    # found by hypothesis: sum(ref^2) is subnormal, the ratio to the noise underflows to 0
+    tiny = 3.99080635e-160
+    assert compare(np.array([tiny, 360.0]), np.array([tiny, tiny])).stats.snr_db == -math.inf
+
+
 def test_checks_describe_what_missed() -> None:
     result = compare(np.array([1.0, 2.0]), np.array([1.0, 3.0]), Tolerance(atol=0.5, cosine_min=0.999999))
     names = [c.name for c in result.checks]

@@ -27,7 +27,11 @@ class PrepareContext:
     """What a backend may use to prepare its runner; every callable is lazy and memoised.
 
     `float_onnx()` and `qdq_onnx(layout, weight_codes)` are the case's cached exports
-    (`harness.export.artifacts`), shared by every backend that takes ONNX.
+    (`harness.export.artifacts`), shared by every backend that takes ONNX; `qdq_onnx` exports the
+    deployed int8 model. `quantized_model()` is the PTQ model (calibrated), `qat_model()` the
+    quantization-aware-trained one (`quant.qat.checkpoint`), `deployed_model()` the one the int8
+    kernels run (QAT under `quant.qat.deploy`, else PTQ) with identity `deployed_key()` and a
+    description for reports, `deployed_source()`.
     """
 
     case: Case
@@ -39,6 +43,10 @@ class PrepareContext:
     stage_feeds: Callable[[], dict[str, dict[str, torch.Tensor]]]
     model_key: str
     quant_key: Callable[[], str]
+    qat_model: Callable[[], nn.Module]
+    deployed_model: Callable[[], nn.Module]
+    deployed_key: Callable[[], str]
+    deployed_source: Callable[[], str]
     float_onnx: Callable[[], dict[str, Path]]
     qdq_onnx: Callable[[Literal["tensorrt", "onnxruntime"], Literal["int8", "uint8"]], dict[str, Path]]
 

@@ -1,4 +1,5 @@
-"""fakequant-int8: the calibrated model with Q/DQ fake quantization, run eagerly in float32."""
+"""fakequant-int8 and qat-int8: the calibrated (PTQ) and the quantization-aware-trained model with
+Q/DQ fake quantization, run eagerly in float32."""
 
 from __future__ import annotations
 
@@ -22,3 +23,18 @@ class FakeQuantInt8(Backend):
             disable_tf32()
         model = copy.deepcopy(ctx.quantized_model())
         return eager_runner(model, ctx.program, ctx.device, torch.float32, "int8 fake-quant (fp32 Q/DQ)")
+
+
+class QatInt8(Backend):
+    """The quantization-aware-trained model (`quant.qat.checkpoint`) with Q/DQ fake quantization,
+    run eagerly in float32 like fakequant-int8."""
+
+    name = "qat-int8"
+    precision = "int8"
+
+    def prepare(self, ctx: PrepareContext) -> Runner:
+        """A private copy of the shared QAT model on ctx.device."""
+        if ctx.device.type == "cuda":
+            disable_tf32()
+        model = copy.deepcopy(ctx.qat_model())
+        return eager_runner(model, ctx.program, ctx.device, torch.float32, "int8 fake-quant (fp32 Q/DQ), QAT weights")

@@ -144,7 +144,11 @@ class OrtInt8(Backend):
     precision = "int8"
 
     def prepare(self, ctx: PrepareContext) -> Runner:
-        """Export the calibrated model's stages in the onnxruntime layout (cached) and open sessions."""
+        """Export the deployed int8 model's stages (PTQ, or QAT under `quant.qat.deploy`) in the
+        onnxruntime layout (cached) and open sessions; the runner's info says which model."""
         codes = ort_weight_codes(ctx.device)
         kernels = "U8S8" if codes == "int8" else "U8U8: U8S8 would saturate on this CPU (no VNNI)"
-        return session_runner(ctx, ctx.qdq_onnx("onnxruntime", codes), f"int8 (QDQ, onnxruntime layout, {kernels})")
+        runner = session_runner(ctx, ctx.qdq_onnx("onnxruntime", codes), f"int8 (QDQ, onnxruntime layout, {kernels})")
+        if not ctx.case.onnx:
+            runner.info["int8_model"] = ctx.deployed_source()
+        return runner

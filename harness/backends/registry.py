@@ -30,7 +30,10 @@ QUANT_REFERENCE = "quant_reference"
 """The int8 accuracy model: default fidelity reference of real int8 kernels; hosts the rules check."""
 ONNX_FLOAT_REFERENCE = "onnx_float_reference"
 """The float reference of cases whose model is an ONNX file (no PyTorch model to run)."""
-ROLES = (FLOAT_REFERENCE, SPEEDUP_BASE, QUANT_REFERENCE, ONNX_FLOAT_REFERENCE)
+QAT_REFERENCE = "qat_reference"
+"""The quantization-aware-trained fake-quant model (`quant.qat.checkpoint`): default fidelity
+reference of real int8 kernels when they run the QAT export (`quant.qat.deploy`)."""
+ROLES = (FLOAT_REFERENCE, SPEEDUP_BASE, QUANT_REFERENCE, ONNX_FLOAT_REFERENCE, QAT_REFERENCE)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,12 @@ class BackendInfo:
     quantized: bool = False
     needs_cuda: bool = False
     roles: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def integer_kernels(self) -> bool:
+        """True for backends that run a quantized export with real int8 kernels (ort-int8,
+        trt-int8, scn-ref-int8): they run the QAT model's export when the case deploys it."""
+        return self.quantized and self.graph != "torch"
 
 
 _INFO: dict[str, BackendInfo] = {}
@@ -69,6 +78,8 @@ for _info in (
     BackendInfo("torch-fp16", "harness.backends.torch_eager:TorchFP16", "fp16", "torch", needs_cuda=True),
     BackendInfo("fakequant-int8", "harness.backends.fakequant:FakeQuantInt8", "int8", "torch", quantized=True,
                 roles=frozenset({QUANT_REFERENCE})),
+    BackendInfo("qat-int8", "harness.backends.fakequant:QatInt8", "int8", "torch", quantized=True,
+                roles=frozenset({QAT_REFERENCE})),
     BackendInfo("ort-fp32", "harness.backends.onnxruntime:OrtFP32", "fp32", "onnx",
                 roles=frozenset({ONNX_FLOAT_REFERENCE})),
     BackendInfo("ort-int8", "harness.backends.onnxruntime:OrtInt8", "int8", "onnx", quantized=True),

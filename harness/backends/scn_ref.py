@@ -172,6 +172,8 @@ class ScnRefInt8(_ScnRef):
 
     def prepare(self, ctx: PrepareContext) -> Runner:
         """Export the shared calibrated model with its ranges (cached), validate, load the executor."""
-        model = copy.deepcopy(ctx.quantized_model())
-        onnx = scn_onnx(ctx, "int8", model, extra_key=ctx.quant_key())
-        return executor_runner(ctx, model, onnx, "fp32", True, "int8 ranges as fake quantization (fp32 storage)")
+        model = copy.deepcopy(ctx.deployed_model())
+        onnx = scn_onnx(ctx, "int8", model, extra_key=ctx.deployed_key())
+        runner = executor_runner(ctx, model, onnx, "fp32", True, "int8 ranges as fake quantization (fp32 storage)")
+        runner.info["int8_model"] = ctx.deployed_source()
+        return runner

@@ -877,11 +877,14 @@ class TrtInt8(_TensorRT):
     precision = "int8"
 
     def prepare(self, ctx: PrepareContext) -> Runner:
-        """Export the calibrated model as Q/DQ ONNX (TensorRT layout) and build one engine per stage."""
+        """Export the deployed int8 model (PTQ, or QAT under `quant.qat.deploy`) as Q/DQ ONNX
+        (TensorRT layout) and build one engine per stage; the runner's info says which model."""
         import tensorrt as trt
 
         plan = build_plan(self.name, trt.__version__, high_precision(ctx.case.spec.backends.get(self.name)))
-        return engine_runner(ctx, ctx.qdq_onnx("tensorrt", "int8"), plan)
+        runner = engine_runner(ctx, ctx.qdq_onnx("tensorrt", "int8"), plan)
+        runner.info["int8_model"] = ctx.deployed_source()
+        return runner
 
 
 def high_precision(spec: BackendSpec | None) -> HighPrecision:

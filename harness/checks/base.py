@@ -63,3 +63,8 @@ class Check:
         """Markdown lines of this check in one case's section of report.md (`records`: the
         case's records of every kind)."""
         return []
+
+    def report_data(self, records: Sequence[Record]) -> dict[str, Any]:
+        """Case-level entries of this check in report.json's `cases.<case>` (`records`: the
+        case's records of every kind); empty by default."""
+        return {}

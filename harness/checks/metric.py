@@ -12,6 +12,7 @@ import torch
 from tabulate import tabulate
 
 from harness.checks.base import Check, ItemSpec
+from harness.checks.stages import stage_rows, stage_table_markdown
 from harness.context import ItemFailure
 from harness.fmt import fixed
 from harness.gates import evaluate_gates
@@ -86,8 +87,14 @@ class MetricCheck(Check):
         }
 
     def report_section(self, records: Sequence[Record], out_dir: Path) -> list[str]:
-        """The per-class table (float and every backend) and the comparison pictures."""
-        return _per_class_table(records) + _pictures(records, out_dir)
+        """The stage table (float -> PTQ -> QAT -> integer kernels), the per-class table (float and
+        every backend) and the comparison pictures."""
+        return stage_table_markdown(records) + _per_class_table(records) + _pictures(records, out_dir)
+
+    def report_data(self, records: Sequence[Record]) -> dict[str, Any]:
+        """`stages`: the stage table's rows (`harness.checks.stages.stage_rows`), when there is one."""
+        rows = stage_rows(records)
+        return {"stages": rows} if rows else {}
 
 
 def _where_int8_loses(ctx: CaseContext, backend: str) -> str:

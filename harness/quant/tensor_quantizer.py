@@ -18,6 +18,15 @@ NVIDIA Model Optimizer's fake quantization is a third variant: `scale' = 127 / a
 ulp for many elements and its codes differ at near-ties. `tests/test_quant_tensor_quantizer.py`
 proves the eager path bit-equal to ONNX Runtime and measures the other two.
 
+Training (quantization-aware training, `harness.quant.qat`): outside ONNX export the quantizer's
+forward is an autograd function whose forward is exactly the formula above and whose backward is
+the straight-through estimator: the gradient passes to `x` where `round(x / scale)` lies in
+[-128, 127] and is 0 where the value was clipped (pytorch-quantization's / Model Optimizer's
+clipped STE). When `amax` is a learnable parameter (`make_amax_learnable`) it gets the LSQ
+gradient (Esser et al., "Learned Step Size Quantization", ICLR 2020): d out / d scale is
+`round(x/s) - x/s` inside the range and the clipped code outside, scaled by
+`1 / sqrt(numel_per_scale * 127)`.
+
 Modes are explicit: `calibrate` (collect statistics, pass x through unchanged), `quantize`
 (fake-quantize; an uncalibrated quantizer raises `QuantError` naming it) and `disabled`
 (identity, and left out of calibration and export). The `amax` buffer is part of `state_dict`
@@ -26,6 +35,7 @@ and loads into a quantizer of any state, calibrated or not.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -39,6 +49,8 @@ from harness.quant.calib import HIST_METHODS, HistogramCalibrator, MaxCalibrator
 QMIN = -128
 QMAX = 127
 CALIBRATORS: tuple[str, ...] = ("max", "histogram")
+MIN_LEARNED_AMAX = 1e-6
+"""A learnable amax is clamped to at least this in training forward passes (no division by 0)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +139,54 @@ def fake_quantize(x: torch.Tensor, amax: torch.Tensor, axis: int | None = None) 
     return (q * scale + 0.0).to(x.dtype)
 
 
+def _broadcast_shape(x: torch.Tensor, axis: int | None) -> list[int] | None:
+    """The shape that broadcasts a per-channel scale along `axis` of `x` (None per tensor)."""
+    if axis is None:
+        return None
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return shape
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """`fake_quantize` forward; clipped straight-through gradient for x, LSQ gradient for amax."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, amax: torch.Tensor, axis: int | None) -> torch.Tensor:
+        ctx.save_for_backward(x, amax)
+        ctx.axis = axis
+        return fake_quantize(x, amax, axis)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, amax = ctx.saved_tensors
+        scale = amax_to_scale(amax).to(x.device)
+        shape = _broadcast_shape(x, ctx.axis)
+        if shape is not None:
+            scale = scale.reshape(shape)
+        y = x.float() / scale
+        codes = torch.round(y)
+        inside = (codes >= QMIN) & (codes <= QMAX)
+        grad_x = (grad * inside).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_amax = None
+        if ctx.needs_input_grad[1]:
+            d_scale = torch.where(inside, codes - y, torch.clamp(codes, QMIN, QMAX))
+            per_scale = x.numel() // max(amax.numel(), 1)
+            g = grad.float() * d_scale / (QMAX * math.sqrt(per_scale * QMAX))
+            if shape is None:
+                grad_amax = g.sum().reshape(amax.shape)
+            else:
+                dims = [d for d in range(x.dim()) if d != ctx.axis % x.dim()]
+                grad_amax = g.sum(dim=dims).reshape(amax.shape)
+        return grad_x, grad_amax, None
+
+
+def fake_quantize_ste(x: torch.Tensor, amax: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+    """`fake_quantize` with straight-through gradients (values identical to `fake_quantize`)."""
+    out: torch.Tensor = _FakeQuantSTE.apply(x, amax, axis)  # type: ignore[no-untyped-call]
+    return out
+
+
 def quantize_to_int8(x: torch.Tensor, amax: torch.Tensor, axis: int | None = None) -> torch.Tensor:
     """The int8 codes `clamp(round(x / scale), -128, 127)` that `fake_quantize` dequantizes."""
     scale = amax_to_scale(amax).to(x.device)
@@ -186,9 +246,39 @@ class TensorQuantizer(nn.Module):
         self.calibrator.reset()
         self.collected = 0
 
+    @property
+    def amax_is_learnable(self) -> bool:
+        """True while amax is a trainable parameter (quantization-aware training)."""
+        return isinstance(self.amax, nn.Parameter)
+
+    def make_amax_learnable(self) -> None:
+        """Turn the calibrated amax into an nn.Parameter (same state_dict key); QuantError when
+        uncalibrated. `freeze_amax` turns it back into a buffer."""
+        self._require_amax()
+        if self.amax_is_learnable:
+            return
+        value = self.amax.detach().clone()
+        del self._buffers["amax"]
+        self.amax = nn.Parameter(value)
+
+    def freeze_amax(self) -> None:
+        """Make amax a buffer again (a learnable amax is detached; QuantError naming the quantizer
+        when training drove it to 0, a negative value, NaN or Inf)."""
+        if not self.amax_is_learnable:
+            return
+        value = self.amax.detach().clone()
+        del self._parameters["amax"]
+        self.register_buffer("amax", value)
+        self.check_amax()
+
     def load_amax(self, amax: torch.Tensor) -> None:
         """Set amax (float32, on the buffer's device); the value is checked by `check_amax`."""
-        self.amax = amax.detach().to(device=self.amax.device, dtype=torch.float32).clone()
+        value = amax.detach().to(device=self.amax.device, dtype=torch.float32).clone()
+        if self.amax_is_learnable:
+            with torch.no_grad():
+                self.amax.data = value
+        else:
+            self.amax = value
 
     def compute_amax(self) -> torch.Tensor | None:
         """amax from the collected statistics with this quantizer's descriptor (None if nothing came)."""
@@ -217,8 +307,12 @@ class TensorQuantizer(nn.Module):
                 raise QuantError(f"quantizer '{self.label}': {err}") from err
             self.collected += 1
             return x
-        if not torch.onnx.is_in_onnx_export():  # export checks every quantizer beforehand
-            self._require_amax()
+        if torch.onnx.is_in_onnx_export():  # export checks every quantizer beforehand
+            return fake_quantize(x, self.amax, self.axis)
+        self._require_amax()
+        if torch.is_grad_enabled() and (x.requires_grad or self.amax.requires_grad):
+            amax = self.amax.clamp_min(MIN_LEARNED_AMAX) if self.amax_is_learnable else self.amax
+            return fake_quantize_ste(x, amax, self.axis)
         return fake_quantize(x, self.amax, self.axis)
 
     def _require_amax(self) -> None:
@@ -236,7 +330,7 @@ class TensorQuantizer(nn.Module):
         error_msgs: list[str],
     ) -> None:
         key = prefix + "amax"
-        if key in state_dict:
+        if key in state_dict and not self.amax_is_learnable:
             self.amax = torch.empty_like(state_dict[key], device=self.amax.device, dtype=torch.float32)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
@@ -245,4 +339,6 @@ class TensorQuantizer(nn.Module):
         how = d.calibrator if d.method is None else f"{d.calibrator}/{d.method}"
         axis = "per-tensor" if d.axis is None else f"axis={d.axis}"
         amax = "uncalibrated" if not self.is_calibrated else f"amax shape {tuple(self.amax.shape)}"
+        if self.amax_is_learnable:
+            amax += " (learnable)"
         return f"{how}, {axis}, mode={self.mode.value}, {amax}"

@@ -48,25 +48,38 @@ def train_case(args: argparse.Namespace) -> int:
     if model_spec.factory is None:
         raise case.error("the case's model is an ONNX file; training needs a PyTorch model factory", "model", "onnx")
     factory = resolve(model_spec.factory)
-    kwargs = recipe(case.spec.training, args)
-    kwargs.update(device=_device(args.device), out_dir=args.out,
+    qat = bool(getattr(args, "qat", False))
+    cli = recipe({}, args)
+    if qat:
+        from harness.training import qat as qat_training
+
+        qat_training.require_qat_section(run, args)
+        kwargs = qat_training.qat_trainer_kwargs(run, cli)
+        kwargs["save_weights"] = qat_training.checkpoint_writer(run, cli)
+    else:
+        kwargs = {**case.spec.training, **cli}
+    kwargs.update(device=_device(args.device), out_dir=args.out, progress_bar=not getattr(args, "no_progress", False),
                   command=" ".join(shlex.quote(a) for a in ["qharness", *sys.argv[1:]]))
+    model_args = dict(model_spec.args)
     if case.spec.task == "segmentation":
         from harness.training.segmentation import train_segmentation
 
-        model_args = dict(model_spec.args)
-        if "augment" in inspect.signature(factory).parameters:
+        if not qat and "augment" in inspect.signature(factory).parameters:
             model_args["augment"] = True
         kwargs.setdefault("crop", tuple(run.dataset("train")[0].image.shape[:2]))
         kwargs.setdefault("class_names", getattr(run.adapter, "class_names", None))
-        result = train_segmentation(functools.partial(factory, **model_args), run.dataset("train"),
-                                    val_dataset=run.dataset(), **kwargs)
+        trainer: Any = train_segmentation
     elif case.spec.task == "detection3d":
         from harness.training.detection3d import train_detection3d
 
-        result = train_detection3d(functools.partial(factory, **model_spec.args), run.dataset("train"),
-                                   val_dataset=run.dataset(), **kwargs)
+        trainer = train_detection3d
     else:
         raise HarnessError(f"{case.path}: no trainer for task '{case.spec.task}'")
+    model_factory = functools.partial(qat_training.start_model, run) if qat else functools.partial(factory, **model_args)
+    result = trainer(model_factory, run.dataset("train"), val_dataset=run.dataset(), **kwargs)
     print(result)
+    if qat and result.finished and case.qat_checkpoint is not None:
+        print(f"QAT checkpoint: {result.weights}; the case reads {case.qat_checkpoint} "
+              f"(copy it there, then `qharness record-training {case.display_path} {result.summary_path} --qat"
+              f"{'' if case.profile == 'default' else ' --profile ' + case.profile}`)")
     return 0

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -157,3 +158,44 @@ def hardware(device: torch.device) -> dict[str, object]:
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def fp16_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with floating tensors in fp16, all on the CPU (how trained weights are stored)."""
+    return {k: v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()
+            for k, v in state.items()}
+
+
+class StepBar:
+    """A tqdm bar over training steps (or nothing when disabled) whose `log` prints above it."""
+
+    def __init__(self, steps: int, start: int, enabled: bool, log: Callable[[str], None]) -> None:
+        self._log = log
+        self._bar: Any = None
+        if enabled:
+            from tqdm import tqdm  # type: ignore[import-untyped]
+
+            self._bar = tqdm(total=steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, message: str) -> None:
+        """Print `message` (through tqdm while the bar is shown, so the bar stays intact)."""
+        if self._bar is not None and self._log is print:
+            self._bar.write(message)
+        else:
+            self._log(message)
+
+    def update(self) -> None:
+        """One step done."""
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        """Remove the bar."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def step_bar(steps: int, start: int, enabled: bool, log: Callable[[str], None]) -> StepBar:
+    """A `StepBar` from step `start` of `steps` (a plain pass-through of `log` when not `enabled`)."""
+    return StepBar(steps, start, enabled, log)

@@ -49,10 +49,12 @@ from harness.training.common import (
     Schedule,
     TrainResult,
     finished_run,
+    fp16_state,
     hardware,
     load_checkpoint,
     save_atomic,
     save_checkpoint,
+    step_bar,
     worker_init,
 )
 from harness.zoo.fastbev import (
@@ -389,6 +391,8 @@ def train_detection3d(
     filter_range: bool = True,
     stop_after: int | None = None,
     time_limit_s: float | None = None,
+    save_weights: Callable[[nn.Module, Path], None] | None = None,
+    progress_bar: bool = False,
     command: str | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
@@ -402,8 +406,9 @@ def train_detection3d(
     used up. Validation NDS / mAP (the first `val_size` samples of `val_dataset`, default all)
     every `val_every` steps, with `nms` (fields of `NMSConfig`) and `filter_range` as the case's
     metric. At the last step it writes `model_fp16.pt` (the state_dict in fp16, loadable
-    strictly into the case's factory) and `summary.json` (command, recipe, losses, train / val
-    NDS, mAP, TP errors and per-class AP, hardware, wall time, step time).
+    strictly into the case's factory; `save_weights(model, path)` writes it instead when given,
+    e.g. a QAT checkpoint) and `summary.json` (command, recipe, losses, train / val NDS, mAP, TP
+    errors and per-class AP, hardware, wall time, step time). `progress_bar` shows a tqdm bar.
 
     Example (one H100, the CI profile of cases/fastbev_r18.yaml)::
 
@@ -484,6 +489,8 @@ def train_detection3d(
         torch.backends.cudnn.benchmark = True
     model.train()
     last = stop_after if stop_after is not None else steps
+    bar = step_bar(steps, step, progress_bar, log)
+    log = bar.log
     window: list[dict[str, torch.Tensor]] = []
     while step < min(steps, last):
         if time_limit_s is not None and time.monotonic() - started > time_limit_s:
@@ -507,6 +514,7 @@ def train_detection3d(
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()
         step += 1
+        bar.update()
         train_time += time.monotonic() - t_step
         window.append({k: v.detach() for k, v in losses.items()})  # no device sync per step
         if step % log_every == 0 or step == steps:
@@ -524,6 +532,7 @@ def train_detection3d(
             log(f"step {step} val NDS {result.NDS:.4f} mAP {result.mAP:.4f}")
         if step % checkpoint_every == 0:
             checkpoint()
+    bar.close()
     if step < steps:
         checkpoint()
         return TrainResult(out, step, False, ckpt_path, None, None, {"step": step})
@@ -535,11 +544,10 @@ def train_detection3d(
         model, train_samples, device=device, nms=nms_settings, filter_range=filter_range,
         amp=recipe.amp, channels_last=recipe.channels_last,
     )  # fmt: skip
-    exported = {
-        k: v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()
-        for k, v in model.state_dict().items()
-    }
-    save_atomic(exported, weights)
+    if save_weights is None:
+        save_atomic(fp16_state(model.state_dict()), weights)
+    else:
+        save_weights(model, weights)
     losses_logged = [h for h in history if "loss" in h]
     summary: dict[str, object] = {
         "command": command,

@@ -15,27 +15,31 @@ from harness.golden import GoldenStore
 _DROPPED = ("history",)
 
 
-def record_training(case: Case, summary_path: Path) -> Path:
-    """Copy `summary_path` (minus the per-step history) into meta.json's `training` entry (the
-    golden files must exist: generate them first with --update-golden).
+def record_training(case: Case, summary_path: Path, qat: bool = False) -> Path:
+    """Copy `summary_path` (minus the per-step history) into meta.json's `training` entry, or
+    with `qat` its `qat_training` entry (the golden files must exist: generate them first with
+    --update-golden).
 
-    The summary's `weights_sha256` must equal the case checkpoint's sha256, so the record always
-    describes the checkpoint the case uses. Returns the meta.json path.
+    The summary's `weights_sha256` must equal the sha256 of the case's checkpoint (with `qat`: of
+    `quant.qat.checkpoint`), so the record always describes the weights the case uses. Returns the
+    meta.json path.
     """
     try:
         summary: dict[str, Any] = json.loads(summary_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise HarnessError(f"{summary_path}: cannot read training summary: {exc}") from exc
-    if case.checkpoint is None:
-        raise case.error("the case has no checkpoint to record training for", "model", "checkpoint")
-    actual = file_sha256(case.checkpoint)
+    checkpoint = case.qat_checkpoint if qat else case.checkpoint
+    if checkpoint is None:
+        key = ("quant", "qat", "checkpoint") if qat else ("model", "checkpoint")
+        raise case.error("the case has no checkpoint to record training for", *key)
+    actual = file_sha256(checkpoint)
     if summary.get("weights_sha256") != actual:
         raise HarnessError(f"{summary_path}: weights_sha256 {summary.get('weights_sha256')} does not match "
-                           f"{case.checkpoint} ({actual})")
+                           f"{checkpoint} ({actual})")
     store = GoldenStore(case.golden_dir, regenerate_command(case))
 
     def change(meta: dict[str, Any]) -> None:
-        meta["training"] = {k: v for k, v in summary.items() if k not in _DROPPED}
+        meta["qat_training" if qat else "training"] = {k: v for k, v in summary.items() if k not in _DROPPED}
 
     store.update_meta(change)
     return store.meta_path

@@ -45,10 +45,12 @@ from harness.training.common import (
     Schedule,
     TrainResult,
     finished_run,
+    fp16_state,
     hardware,
     load_checkpoint,
     save_atomic,
     save_checkpoint,
+    step_bar,
     worker_init,
 )
 from harness.zoo.pidnet import inference_state_dict
@@ -448,6 +450,8 @@ def train_segmentation(
     time_limit_s: float | None = None,
     class_names: Sequence[str] | None = None,
     export: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]] = inference_state_dict,
+    save_weights: Callable[[nn.Module, Path], None] | None = None,
+    progress_bar: bool = False,
     command: str | None = None,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
@@ -460,8 +464,9 @@ def train_segmentation(
     written every `checkpoint_every` steps and whenever the run stops early: after global step
     `stop_after`, or when `time_limit_s` of wall time is used up. val mIoU is measured every
     `val_every` steps. At the last step it writes `model_fp16.pt` (the `export`-filtered
-    state_dict in fp16, by default the keys of PIDNet with augment=False) and `summary.json`
-    (command, recipe, train/val mIoU, per-class IoU, hardware, wall time, step time).
+    state_dict in fp16, by default the keys of PIDNet with augment=False; `save_weights(model, path)`
+    writes it instead when given, e.g. a QAT checkpoint) and `summary.json` (command, recipe,
+    train/val mIoU, per-class IoU, hardware, wall time, step time). `progress_bar` shows a tqdm bar.
 
     Example (GPU, chunks of under ten minutes that resume one another)::
 
@@ -542,6 +547,8 @@ def train_segmentation(
         torch.backends.cudnn.benchmark = True
     model.train()
     last = stop_after if stop_after is not None else steps
+    bar = step_bar(steps, step, progress_bar, log)
+    log = bar.log
     window: list[dict[str, float]] = []
     while step < min(steps, last):
         if time_limit_s is not None and time.monotonic() - started > time_limit_s:
@@ -568,6 +575,7 @@ def train_segmentation(
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         step += 1
+        bar.update()
         train_time += time.monotonic() - t_step
         window.append(parts)
         if step % log_every == 0 or step == steps:
@@ -586,6 +594,7 @@ def train_segmentation(
             log(f"step {step} val mIoU {result.miou:.4f}")
         if step % checkpoint_every == 0:
             checkpoint()
+    bar.close()
     if step < steps:
         checkpoint()
         return TrainResult(out, step, False, ckpt_path, None, None, {"step": step})
@@ -597,11 +606,10 @@ def train_segmentation(
         model, train_eval, num_classes, device=device, ignore_index=ignore_index,
         amp=recipe.amp, channels_last=recipe.channels_last,
     )  # fmt: skip
-    exported = {
-        k: v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().cpu()
-        for k, v in export(model.state_dict()).items()
-    }
-    save_atomic(exported, weights)
+    if save_weights is None:
+        save_atomic(fp16_state(export(model.state_dict())), weights)
+    else:
+        save_weights(model, weights)
     summary: dict[str, object] = {
         "command": command,
         "steps": steps,
