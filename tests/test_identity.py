@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import sys
 from pathlib import Path
 
@@ -9,7 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from harness.identity import Fingerprint, code_digest, fingerprint, model_modules, parameters_digest
+from harness.identity import (
+    Fingerprint,
+    canonical_tree,
+    code_digest,
+    fingerprint,
+    model_modules,
+    parameters_digest,
+)
 
 SOURCE = '''"""A module."""
 import torch
@@ -26,6 +34,25 @@ def test_code_digest_ignores_comments_docstrings_and_formatting() -> None:
                                                                        "return  torch.relu( x )  # a comment")
     assert code_digest(same) == code_digest(SOURCE)
     assert code_digest(SOURCE.replace("torch.relu", "torch.sigmoid")) != code_digest(SOURCE)
+
+
+PINNED_DIGEST = "f1be77de3dff2665"
+"""code_digest of `def f(x): return x + 1`, the same on Python 3.11, 3.12 and 3.13."""
+
+
+def test_canonical_tree_leaves_out_empty_fields_that_newer_pythons_add() -> None:
+    """Python 3.12 gives functions and classes an empty `type_params` field; 3.11 has none."""
+    old = type("FunctionDef", (ast.AST,), {"_fields": ("name", "body")})
+    new = type("FunctionDef", (ast.AST,), {"_fields": ("name", "body", "type_params")})
+    assert canonical_tree(old(name="f", body=[ast.Pass()])) == canonical_tree(
+        new(name="f", body=[ast.Pass()], type_params=[]))
+    assert canonical_tree(new(name="f", body=[ast.Pass()], type_params=[ast.Pass()])) != canonical_tree(
+        old(name="f", body=[ast.Pass()]))
+
+
+def test_code_digest_is_pinned() -> None:
+    """A change of the digest's definition invalidates every golden set: it must be deliberate."""
+    assert code_digest("def f(x):\n    return x + 1\n")[:16] == PINNED_DIGEST
 
 
 def test_parameters_digest_sees_every_tensor_and_its_layout() -> None:

@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from harness.checks import run_check
 from harness.cases import load_case
+from harness.checks import run_check
 from harness.context import CaseContext, RunOptions
 from harness.errors import CaseError
 from harness.quant.qat import finish_qat, prepare_qat, save_qat_checkpoint

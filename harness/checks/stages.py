@@ -16,7 +16,13 @@ from typing import Any
 
 from tabulate import tabulate
 
-from harness.backends.registry import FLOAT_REFERENCE, QAT_REFERENCE, QUANT_REFERENCE, backend_info, known_backends
+from harness.backends.registry import (
+    FLOAT_REFERENCE,
+    QAT_REFERENCE,
+    QUANT_REFERENCE,
+    backend_info,
+    known_backends,
+)
 from harness.fmt import fixed
 from harness.records import Record
 

@@ -23,9 +23,10 @@ forward is an autograd function whose forward is exactly the formula above and w
 the straight-through estimator: the gradient passes to `x` where `round(x / scale)` lies in
 [-128, 127] and is 0 where the value was clipped (pytorch-quantization's / Model Optimizer's
 clipped STE). When `amax` is a learnable parameter (`make_amax_learnable`) it gets the LSQ
-gradient (Esser et al., "Learned Step Size Quantization", ICLR 2020): d out / d scale is
-`round(x/s) - x/s` inside the range and the clipped code outside, scaled by
-`1 / sqrt(numel_per_scale * 127)`.
+gradient (Esser et al., "Learned Step Size Quantization", ICLR 2020) of the step s = amax / 127:
+d out / d s is `round(x/s) - x/s` inside the range and the clipped code outside, scaled by
+`g = 1 / sqrt(numel_per_scale * 127)`; amax's gradient is `127 * g * dL/ds`, so that a gradient
+step moves amax as LSQ moves 127 * s.
 
 Modes are explicit: `calibrate` (collect statistics, pass x through unchanged), `quantize`
 (fake-quantize; an uncalibrated quantizer raises `QuantError` naming it) and `disabled`
@@ -172,7 +173,9 @@ class _FakeQuantSTE(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             d_scale = torch.where(inside, codes - y, torch.clamp(codes, QMIN, QMAX))
             per_scale = x.numel() // max(amax.numel(), 1)
-            g = grad.float() * d_scale / (QMAX * math.sqrt(per_scale * QMAX))
+            # LSQ's step-size gradient g * dL/ds (g = 1/sqrt(N * 127)) for the step s = amax / 127,
+            # expressed on amax so that an SGD step moves amax by 127 times LSQ's step on s.
+            g = grad.float() * d_scale * (QMAX / math.sqrt(per_scale * QMAX))
             if shape is None:
                 grad_amax = g.sum().reshape(amax.shape)
             else:

@@ -199,3 +199,23 @@ class StepBar:
 def step_bar(steps: int, start: int, enabled: bool, log: Callable[[str], None]) -> StepBar:
     """A `StepBar` from step `start` of `steps` (a plain pass-through of `log` when not `enabled`)."""
     return StepBar(steps, start, enabled, log)
+
+
+def parameter_groups(model: nn.Module, amax_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: the model's parameters, and (quantization-aware training with
+    learnable amax) the amax parameters in a group of their own without weight decay whose
+    learning rate is `amax_lr_scale` times the schedule's (`lr_scale`, read by `scheduled_lr`)."""
+    from harness.quant.qat import learnable_amax
+
+    amax = learnable_amax(model)
+    ids = {id(p) for p in amax}
+    groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr_scale": 1.0}]
+    if amax:
+        groups.append({"params": amax, "lr_scale": amax_lr_scale, "weight_decay": 0.0})
+    return groups
+
+
+def set_learning_rate(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate to `lr` times its `lr_scale` (default 1)."""
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -52,8 +52,10 @@ from harness.training.common import (
     fp16_state,
     hardware,
     load_checkpoint,
+    parameter_groups,
     save_atomic,
     save_checkpoint,
+    set_learning_rate,
     step_bar,
     worker_init,
 )
@@ -112,6 +114,7 @@ class DetRecipe:
     seed: int = 0
     amp: bool = True
     channels_last: bool = True
+    amax_lr_scale: float = 1.0
     dataset: str = ""
     val_dataset: str = ""
 
@@ -379,6 +382,7 @@ def train_detection3d(
     seed: int = 0,
     amp: bool = True,
     channels_last: bool = True,
+    amax_lr_scale: float = 1.0,
     num_workers: int = 0,
     cache: bool = True,
     device_cache_gb: float = 16.0,
@@ -420,7 +424,7 @@ def train_detection3d(
     recipe = DetRecipe(
         steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, grad_clip=grad_clip, seed=seed,
-        amp=amp and cuda, channels_last=channels_last and cuda, dataset=_describe(dataset),
+        amp=amp and cuda, channels_last=channels_last and cuda, amax_lr_scale=amax_lr_scale, dataset=_describe(dataset),
         val_dataset="" if val_dataset is None else _describe(val_dataset),
     )  # fmt: skip
     if len(dataset) == 0:
@@ -440,7 +444,8 @@ def train_detection3d(
     model: FastBEV = built.to(device)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=cuda or None)
+    opt = torch.optim.AdamW(parameter_groups(model, amax_lr_scale), lr=lr, weight_decay=weight_decay,
+                            fused=cuda or None)
     progress = load_checkpoint(ckpt_path, _recipe_dict(recipe), model, opt, device)
     if progress is not None:
         log(f"resumed {ckpt_path} at step {progress.step}/{steps}")
@@ -504,8 +509,7 @@ def train_detection3d(
             batch = next(batches)
         x = normalize_images(batch.images.to(device, non_blocking=True))
         per = [tables(batch.lidar2img[b], device) for b in range(batch.lidar2img.shape[0])]
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(recipe, step)
+        set_learning_rate(opt, learning_rate(recipe, step))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.amp):
             outputs = forward(model, x, per, recipe.channels_last)
         losses = model.loss_from_targets(HeadOutputs(*(t.float() for t in outputs)), batch.targets)

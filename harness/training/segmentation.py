@@ -48,8 +48,10 @@ from harness.training.common import (
     fp16_state,
     hardware,
     load_checkpoint,
+    parameter_groups,
     save_atomic,
     save_checkpoint,
+    set_learning_rate,
     step_bar,
     worker_init,
 )
@@ -100,6 +102,7 @@ class TrainRecipe:
     seed: int = 0
     amp: bool = True
     channels_last: bool = True
+    amax_lr_scale: float = 1.0
     dataset: str = ""
     val_dataset: str = ""
 
@@ -379,14 +382,10 @@ def _poly_lr(recipe: TrainRecipe, step: int) -> float:
 
 
 def _make_optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, recipe.amax_lr_scale)
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(
-            model.parameters(),
-            lr=recipe.lr,
-            momentum=recipe.momentum,
-            weight_decay=recipe.weight_decay,
-        )
-    return torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    return torch.optim.AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
 
 
 def _recipe_dict(recipe: TrainRecipe) -> dict[str, object]:
@@ -440,6 +439,7 @@ def train_segmentation(
     seed: int = 0,
     amp: bool = True,
     channels_last: bool = True,
+    amax_lr_scale: float = 1.0,
     num_workers: int = 0,
     cache: bool = True,
     checkpoint_every: int = 500,
@@ -489,7 +489,7 @@ def train_segmentation(
         aux_weight=aux_weight, ohem=ohem, ohem_thresh=ohem_thresh, ohem_min_kept=ohem_min_kept,
         boundary=boundary, boundary_weight=boundary_weight,
         boundary_sem_weight=boundary_sem_weight, seed=seed, amp=amp and cuda,
-        channels_last=channels_last and cuda, dataset=_describe(dataset),
+        channels_last=channels_last and cuda, amax_lr_scale=amax_lr_scale, dataset=_describe(dataset),
         val_dataset="" if val_dataset is None else _describe(val_dataset),
     )  # fmt: skip
     if len(dataset) == 0:
@@ -566,8 +566,7 @@ def train_segmentation(
         x, y = augment(images.to(device, non_blocking=True), labels.to(device), params, recipe)
         if recipe.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        for group in opt.param_groups:
-            group["lr"] = _poly_lr(recipe, step)
+        set_learning_rate(opt, _poly_lr(recipe, step))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.amp):
             outputs = model(x)
         loss, parts = pidnet_loss(outputs, y, recipe)
