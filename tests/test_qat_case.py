@@ -129,8 +129,9 @@ def test_a_checkpoint_of_another_format_names_the_file(project: Path) -> None:
         run_check(make_run(project), "golden", "qat-int8", "model")
 
 
-def tiny_pidnet_qat_case(root: Path) -> Path:
-    """pidnet_s.yaml with a `qat-tiny` profile: 64x128 images, 4 train samples, a QAT section."""
+def tiny_pidnet_qat_case(root: Path, stop_after: int | None = None) -> Path:
+    """pidnet_s.yaml with a `qat-tiny` profile: 64x128 images, 4 train samples, a QAT section
+    (training stops after `stop_after` steps when given)."""
     raw = yaml.safe_load((ROOT / "cases/pidnet_s.yaml").read_text())
     raw["profiles"] = {"qat-tiny": {
         "data": {"args": {"height": 64, "width": 128, "size": 2}, "calibration": {"args": {"size": 2}},
@@ -139,13 +140,15 @@ def tiny_pidnet_qat_case(root: Path) -> Path:
         "quant": {"calibration_batches": 1, "keep_float": [],
                   "qat": {"checkpoint": "golden/pidnet-s/profile-qat-tiny/qat.pt",
                           "training": {"steps": 2, "batch_size": 2, "lr": 0.0001, "num_workers": 0,
-                                       "eval_train_size": 2, "ohem": False}}},
+                                       "eval_train_size": 2, "ohem": False,
+                                       **({} if stop_after is None else {"stop_after": stop_after})}}},
         "metric": {"float_min": 0.0},
         "backends": {"qat-int8": {"compare": {"cosine_min": 0.9}, "metric": {"min_ratio": 0.5}}},
     }}
-    (root / "cases").mkdir()
-    (root / "golden/pidnet-s").mkdir(parents=True)
-    (root / "golden/pidnet-s/model_fp16.pt").symlink_to(ROOT / "golden/pidnet-s/model_fp16.pt")
+    (root / "cases").mkdir(exist_ok=True)
+    (root / "golden/pidnet-s").mkdir(parents=True, exist_ok=True)
+    if not (root / "golden/pidnet-s/model_fp16.pt").exists():
+        (root / "golden/pidnet-s/model_fp16.pt").symlink_to(ROOT / "golden/pidnet-s/model_fp16.pt")
     (root / "pyproject.toml").write_text("")
     path = root / "cases/pidnet_s.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -154,19 +157,24 @@ def tiny_pidnet_qat_case(root: Path) -> Path:
 
 @pytest.mark.slow
 def test_tiny_qat_training_step_makes_a_checkpoint_the_case_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`qharness train --qat` (two steps on the CPU) writes a QAT checkpoint and a summary; copied to
+    """`qharness train --qat` (two steps on the CPU, stopped after one and resumed) writes a QAT
+    checkpoint and a summary; copied to
     quant.qat.checkpoint it passes the identity check and runs as qat-int8; a run with the
     recipe changed on the command line is refused as stale."""
     from harness.training.cli import train_case
     from harness.training.record import record_training
 
-    case_path = tiny_pidnet_qat_case(tmp_path)
+    case_path = tiny_pidnet_qat_case(tmp_path, stop_after=1)
     monkeypatch.chdir(tmp_path)
     args = argparse.Namespace(case=str(case_path), profile="qat-tiny", out=str(tmp_path / "run"), steps=None,
                               batch_size=None, lr=None, device="cpu", workers=None, time_limit_s=None, qat=True,
                               no_progress=True)
-    assert train_case(args) == 0
+    assert train_case(args) == 0                   # stops after one step, resumably
+    assert not (tmp_path / "run/summary.json").exists() and (tmp_path / "run/checkpoint.pt").exists()
+    tiny_pidnet_qat_case(tmp_path)                 # the same recipe without the stop
+    assert train_case(args) == 0                   # resumes at step 1 and finishes
     summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert [h["step"] for h in summary["history"] if "loss" in h] == [2.0]
     assert summary["steps"] == 2 and summary["recipe"]["amp"] is False and summary["val_miou"] is not None
     case = load_case(case_path, profile="qat-tiny")
     options = RunOptions(device=torch.device("cpu"), cache_dir=tmp_path / ".cache", update_golden=True)
