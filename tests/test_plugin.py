@@ -233,7 +233,11 @@ def test_case_file_help_mentions_options(project: pytest.Pytester) -> None:
 
 
 
-def test_benchmark_items_time_each_backend_through_pytest_benchmark(project: pytest.Pytester) -> None:
+def test_benchmark_items_time_each_backend_through_pytest_benchmark(project: pytest.Pytester,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under pytest-xdist the inner run inherits PYTEST_XDIST_WORKER, and pytest-benchmark then
+    # disables itself (no bench.json); the inner run is a plain session.
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     project.runpytest("cases/", "--update-golden", "--backend", "torch-fp32", "-m", "golden")
     result = project.runpytest("cases/", "-m", "benchmark", "--backend", "torch-fp32,ort-fp32",
                                "--benchmark-json", "bench.json", "--report-dir", "reports")
