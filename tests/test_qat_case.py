@@ -122,6 +122,18 @@ def test_a_checkpoint_from_other_quant_settings_is_stale(project: Path) -> None:
         run_check(make_run(project), "golden", "qat-int8", "model")
 
 
+def test_train_qat_without_a_qat_section_names_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.training.cli import train_case
+
+    case_path = tiny_pidnet_qat_case(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(case=str(case_path), profile="default", out=str(tmp_path / "run"), steps=None,
+                              batch_size=None, lr=None, device="cpu", workers=None, time_limit_s=None, qat=True,
+                              no_progress=True)
+    with pytest.raises(CaseError, match=r"key 'quant.qat': `--qat` trains the model of the case's quant.qat"):
+        train_case(args)
+
+
 def test_a_checkpoint_of_another_format_names_the_file(project: Path) -> None:
     run_check(make_run(project, update=True), "golden", "torch-fp32", "model")
     torch.save({"weights": torch.zeros(1)}, project / "golden/tiny/qat.pt")
@@ -138,9 +150,9 @@ def tiny_pidnet_qat_case(root: Path, stop_after: int | None = None) -> Path:
                  "train": {"args": {"size": 4}}, "batch_size": 2},
         "golden": {"dir": "golden/pidnet-s/profile-qat-tiny", "samples": 1},
         "quant": {"calibration_batches": 1, "keep_float": [],
-                  "qat": {"checkpoint": "golden/pidnet-s/profile-qat-tiny/qat.pt",
+                  "qat": {"checkpoint": "golden/pidnet-s/profile-qat-tiny/qat.pt", "learn_amax": True,
                           "training": {"steps": 2, "batch_size": 2, "lr": 0.0001, "num_workers": 0,
-                                       "eval_train_size": 2, "ohem": False,
+                                       "eval_train_size": 2, "ohem": False, "amax_lr_scale": 2.0,
                                        **({} if stop_after is None else {"stop_after": stop_after})}}},
         "metric": {"float_min": 0.0},
         "backends": {"qat-int8": {"compare": {"cosine_min": 0.9}, "metric": {"min_ratio": 0.5}}},
@@ -176,6 +188,13 @@ def test_tiny_qat_training_step_makes_a_checkpoint_the_case_runs(tmp_path: Path,
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     assert [h["step"] for h in summary["history"] if "loss" in h] == [2.0]
     assert summary["steps"] == 2 and summary["recipe"]["amp"] is False and summary["val_miou"] is not None
+    assert summary["recipe"]["amax_lr_scale"] == 2.0
+    state = torch.load(tmp_path / "run/model_fp16.pt", weights_only=True)["state_dict"]
+    calibrated = CaseContext(load_case(case_path, profile="qat-tiny"),
+                             RunOptions(device=torch.device("cpu"), cache_dir=tmp_path / ".cache")).quantized_model()
+    moved = [k for k, v in calibrated.state_dict().items() if k.endswith("input_quantizer.amax") and v.numel()
+             and not torch.equal(v, state[k])]
+    assert moved, "learn_amax: the activation ranges did not train"
     case = load_case(case_path, profile="qat-tiny")
     options = RunOptions(device=torch.device("cpu"), cache_dir=tmp_path / ".cache", update_golden=True)
     run_check(CaseContext(case, options), "golden", "torch-fp32", "model")
